@@ -1,0 +1,52 @@
+"""Save and load trained models as plain dictionaries readable with `torch.load(weights_only=True)`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from groupim.config import TrainConfig
+from groupim.model import GroupIM
+
+FORMAT_VERSION = 1
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: GroupIM,
+    config: TrainConfig,
+    metrics: dict[str, Any] | None = None,
+    data_checksum: str | None = None,
+) -> Path:
+    """Write the model's state dict with its config; the file appears only when complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format_version": FORMAT_VERSION,
+        "config": config.to_dict(),
+        "n_items": model.n_items,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "metrics": metrics or {},
+        "data_checksum": data_checksum,
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[GroupIM, TrainConfig, dict]:
+    """Rebuild the model of a checkpoint written by `save_checkpoint`, in eval mode."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or "state_dict" not in payload or "config" not in payload:
+        raise ValueError(f"{path} is not a GroupIM checkpoint (no state_dict and config); write one with groupim train")
+    config = TrainConfig.from_dict(payload["config"], source=f"{path} (config)")
+    model = GroupIM(int(payload["n_items"]), config.embedding_size, config.aggregator, config.dropout)
+    model.load_state_dict(payload["state_dict"])
+    return model.to(device).eval(), config, payload

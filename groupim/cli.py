@@ -1,0 +1,104 @@
+"""Command line: `groupim train` and `groupim evaluate`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from groupim.checkpoint import load_checkpoint, save_checkpoint
+from groupim.config import ConfigError, TrainConfig, load_config
+from groupim.data import DataError, GroupIMData, load_dataset
+from groupim.evaluate import evaluate_groups
+from groupim.metrics import METRICS
+from groupim.train import fit
+
+logger = logging.getLogger("groupim")
+
+SPLITS = ("val", "test")
+
+
+def group_metrics(model, data: GroupIMData, config: TrainConfig, split: str) -> dict[str, float]:
+    """The reported metrics (METRICS) of `model` on the validation or test groups."""
+    groups = data.val_groups if split == "val" else data.test_groups
+    result = evaluate_groups(model, groups.group_members, groups.group_items, data.member_items, config.member_norm)
+    return {name: result[name] for name in METRICS}
+
+
+def command_train(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.set)
+    data = load_dataset(args.data)
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    logger.info("training on %s (%d groups, %d items) with %s", data.source, data.train_groups.n_groups, data.n_items, config)
+
+    start = time.perf_counter()
+    result = fit(config, data, progress=not args.no_progress)
+    seconds = time.perf_counter() - start
+    metrics = {split: group_metrics(result.model, data, config, split) for split in SPLITS}
+
+    save_checkpoint(output / "model.pt", result.model, config, metrics, data.checksum)
+    (output / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    history = {
+        "user_pretraining": result.user_pretraining,
+        "mi_pretraining": result.mi_pretraining,
+        "group_training": result.group.history,
+        "best_epoch": result.group.best_epoch,
+        "seconds": seconds,
+    }
+    (output / "history.json").write_text(json.dumps(history, indent=2) + "\n")
+    print(json.dumps(metrics, indent=2))
+    print(f"best group epoch {result.group.best_epoch}, {seconds:.0f} s; wrote {output / 'model.pt'} and {output / 'metrics.json'}")
+    return 0
+
+
+def command_evaluate(args: argparse.Namespace) -> int:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, config, _ = load_checkpoint(args.checkpoint, device)
+    data = load_dataset(args.data)
+    if data.n_items != model.n_items:
+        raise DataError(
+            f"{args.checkpoint} was trained on {model.n_items} items but {data.source} has {data.n_items}; "
+            "evaluate it on the dataset it was trained on"
+        )
+    print(json.dumps(group_metrics(model, data, config, args.split), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="groupim", description="Train and evaluate GroupIM group recommenders.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="run the three training phases and save the best model")
+    train.add_argument("--data", help="dataset folder in the GroupIM CSV format (default: download Weeplaces)")
+    train.add_argument("--config", help="YAML file of TrainConfig settings (default: built-in defaults)")
+    train.add_argument("--output", required=True, help="folder for model.pt, metrics.json and history.json")
+    train.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config values")
+    train.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    train.set_defaults(handler=command_train)
+
+    evaluate = commands.add_parser("evaluate", help="print a checkpoint's group metrics as JSON")
+    evaluate.add_argument("--checkpoint", required=True, help="model.pt written by groupim train")
+    evaluate.add_argument("--data", help="dataset folder (default: download Weeplaces)")
+    evaluate.add_argument("--split", choices=SPLITS, default="test", help="group split to evaluate on")
+    evaluate.set_defaults(handler=command_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.handler(args)
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

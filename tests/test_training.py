@@ -1,0 +1,162 @@
+"""Three-phase training on a slice of Weeplaces: schedule, callback, determinism, resume, CLI."""
+
+import json
+
+import pytest
+import torch
+
+from groupim.checkpoint import load_checkpoint
+from groupim.cli import main
+from groupim.config import TrainConfig
+from groupim.data import load_dataset
+from groupim.metrics import METRICS
+from groupim.train import (
+    build_model,
+    fit,
+    is_eval_epoch,
+    pretrain_mi,
+    pretrain_user,
+    train_group,
+    validation_group_metrics,
+)
+
+SMALL = dict(
+    embedding_size=16,
+    batch_size=64,
+    pretrain_user_epochs=2,
+    pretrain_mi_epochs=1,
+    epochs=4,
+    eval_freq=2,
+    num_threads=1,
+)
+
+
+@pytest.fixture(scope="module")
+def data(weeplaces_slice):
+    return load_dataset(weeplaces_slice)
+
+
+def small_config(**changes) -> TrainConfig:
+    return TrainConfig(**{**SMALL, **changes})
+
+
+def test_eval_schedule_default_includes_final_epoch():
+    config = TrainConfig(eval_freq=5)
+    assert [e + 1 for e in range(12) if is_eval_epoch(e, 12, config)] == [5, 10, 12]
+
+
+def test_eval_schedule_notebook_skips_final_epochs():
+    config = TrainConfig(eval_freq=5, eval_final_epoch=False)
+    assert [e + 1 for e in range(12) if is_eval_epoch(e, 12, config)] == [1, 6, 11]
+
+
+def test_training_beats_untrained_model(data):
+    config = small_config()
+    untrained = validation_group_metrics(build_model(config, data.n_items), data, config)
+    result = fit(config, data, progress=False)
+    trained = result.group.best_metrics
+    assert set(METRICS) <= set(trained)
+    assert trained["ndcg@100"] > untrained["ndcg@100"] + 0.05
+    assert 0.0 <= trained["recall@20"] <= trained["recall@50"] <= 1.0
+
+
+def test_callback_sees_each_evaluation_and_can_stop(data):
+    seen = []
+
+    def stop_after_first(evaluation):
+        seen.append((evaluation.epoch, evaluation.metrics["ndcg@100"]))
+        return True
+
+    state = fit(small_config(pretrain_user=False, pretrain_mi=False), data, stop_after_first, progress=False).group
+    assert [epoch for epoch, _ in seen] == [2]
+    assert state.stopped_early
+    assert state.best_epoch == 2
+
+    seen.clear()
+    fit(small_config(pretrain_user=False, pretrain_mi=False, epochs=5), data, lambda e: seen.append(e.epoch), progress=False)
+    assert seen == [2, 4, 5]
+
+
+def test_same_seed_repeats_cpu_run(data):
+    config = small_config(epochs=2)
+    first = fit(config, data, progress=False)
+    second = fit(config, data, progress=False)
+    assert first.group.best_metrics == second.group.best_metrics
+    for key, value in first.model.state_dict().items():
+        assert torch.equal(value, second.model.state_dict()[key]), key
+
+
+def test_resumed_group_training_matches_uninterrupted(data):
+    config = small_config(pretrain_user=False, pretrain_mi=False, epochs=4, eval_freq=2)
+    uninterrupted = train_group(build_model(config, data.n_items), data, config, progress=False)
+
+    saved = {}
+
+    def interrupt(evaluation):
+        saved.update(evaluation.checkpoint())
+        return True
+
+    train_group(build_model(config, data.n_items), data, config, interrupt, progress=False)
+    assert saved["epoch"] == 2
+    resumed = train_group(build_model(config, data.n_items), data, config, resume=saved, progress=False)
+    assert [h["ndcg@100"] for h in resumed.history] == [h["ndcg@100"] for h in uninterrupted.history]
+    assert resumed.best_metrics == uninterrupted.best_metrics
+
+
+def test_user_pretraining_keeps_best_epoch_and_seeds_group_predictor(data):
+    config = small_config(pretrain_user_epochs=3, eval_freq=1)
+    model = build_model(config, data.n_items)
+    result = pretrain_user(model, data, config, progress=False)
+    scores = [r["val_user_ndcg@100"] for r in result["history"]]
+    assert result["val_user_ndcg@100"] == max(scores)
+    assert result["best_epoch"] == scores.index(max(scores)) + 1
+    assert torch.equal(model.group_predictor, model.encoder.user_predictor)
+
+
+def test_mi_pretraining_lowers_discriminator_loss(data):
+    config = small_config(pretrain_mi_epochs=3)
+    model = build_model(config, data.n_items)
+    history = pretrain_mi(model, data, config, progress=False)["history"]
+    assert history[-1]["loss_mi"] < history[0]["loss_mi"]
+
+
+@pytest.mark.parametrize("aggregator", ["maxpool", "meanpool"])
+def test_notebook_switches_train(data, aggregator):
+    config = small_config(
+        aggregator=aggregator,
+        member_norm="group",
+        negatives_exclude_members=False,
+        eval_final_epoch=False,
+        shuffle=False,
+        epochs=2,
+    )
+    result = fit(config, data, progress=False)
+    assert result.group.best_epoch == 1
+    assert result.group.best_metrics["ndcg@100"] > 0
+
+
+def test_cli_train_then_evaluate_reproduces_metrics(weeplaces_slice, tmp_path, capsys):
+    output = tmp_path / "run"
+    sets = [f"{key}={value}" for key, value in SMALL.items()]
+    code = main(["train", "--data", str(weeplaces_slice), "--output", str(output), "--no-progress", "--set", *sets])
+    assert code == 0
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert set(metrics) == {"val", "test"}
+    for split in ("val", "test"):
+        assert set(metrics[split]) == {"ndcg@20", "ndcg@50", "ndcg@100", "recall@20", "recall@50"}
+
+    payload = torch.load(output / "model.pt", weights_only=True)
+    assert payload["config"]["embedding_size"] == 16
+    model, config, _ = load_checkpoint(output / "model.pt")
+    assert config.embedding_size == 16
+
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(output / "model.pt"), "--data", str(weeplaces_slice), "--split", "test"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == pytest.approx(metrics["test"])
+
+
+def test_cli_reports_bad_override(weeplaces_slice, tmp_path, capsys):
+    code = main(["train", "--data", str(weeplaces_slice), "--output", str(tmp_path), "--set", "aggregator=sum"])
+    assert code == 2
+    assert "aggregator" in capsys.readouterr().err
