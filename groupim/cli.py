@@ -1,4 +1,4 @@
-"""Command line: `groupim train` and `groupim evaluate`."""
+"""Command line: `groupim train`, `groupim evaluate` and `groupim recommend`."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from groupim.config import ConfigError, TrainConfig, load_config
 from groupim.data import DataError, GroupIMData, load_dataset
 from groupim.evaluate import evaluate_groups
 from groupim.metrics import METRICS
+from groupim.recommend import recommend
 from groupim.train import fit
 
 logger = logging.getLogger("groupim")
@@ -70,6 +71,57 @@ def command_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_users(text: str) -> list[int]:
+    try:
+        users = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"invalid --users {text!r}: expected comma-separated integer user ids, e.g. 12,55,901") from None
+    if not users:
+        raise ValueError("--users is empty: give comma-separated user ids, e.g. 12,55,901")
+    return users
+
+
+def command_recommend(args: argparse.Namespace) -> int:
+    users = parse_users(args.users)
+    if args.model:
+        items, scores = recommend_registered(args.model, users, args.k)
+    else:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model, config, _ = load_checkpoint(args.checkpoint, device)
+        data = load_dataset(args.data)
+        if data.n_items != model.n_items:
+            raise DataError(
+                f"{args.checkpoint} was trained on {model.n_items} items but {data.source} has {data.n_items}; "
+                "pass the dataset it was trained on with --data"
+            )
+        result = recommend(model, data.member_items, [users], args.k, config.member_norm)[0]
+        items, scores = result.items, result.scores
+
+    if args.json:
+        print(json.dumps({"users": users, "items": items, "scores": scores}))
+    else:
+        print(f"top {args.k} items for the group {','.join(map(str, users))}")
+        print(f"{'rank':>4}  {'item':>8}  score")
+        for rank, (item, score) in enumerate(zip(items, scores), start=1):
+            print(f"{rank:>4}  {item:>8}  {score:.4f}")
+    return 0
+
+
+def recommend_registered(model_uri: str, users: list[int], k: int) -> tuple[list[int], list[float]]:
+    """Recommend with an MLflow-registered GroupIM model (`models:/NAME@ALIAS`).
+
+    MLflow is imported here only, so the package itself runs without it.
+    """
+    try:
+        import mlflow.pyfunc
+    except ImportError:
+        raise ValueError("--model needs MLflow: pip install mlflow, or pass --checkpoint FILE") from None
+    model = mlflow.pyfunc.load_model(model_uri)
+    output = model.predict([users], params={"k": k})
+    row = output.iloc[0] if hasattr(output, "iloc") else output[0]
+    return [int(item) for item in row["items"]], [float(score) for score in row["scores"]]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="groupim", description="Train and evaluate GroupIM group recommenders.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -87,6 +139,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", help="dataset folder (default: download Weeplaces)")
     evaluate.add_argument("--split", choices=SPLITS, default="test", help="group split to evaluate on")
     evaluate.set_defaults(handler=command_evaluate)
+
+    recommend_parser = commands.add_parser("recommend", help="print the top-K items for an ad-hoc group of users")
+    source = recommend_parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="model.pt written by groupim train (needs --data or the download)")
+    source.add_argument("--model", help="MLflow model URI, e.g. models:/groupim-weeplaces@champion")
+    recommend_parser.add_argument("--data", help="dataset folder for --checkpoint (default: download Weeplaces)")
+    recommend_parser.add_argument("--users", required=True, help="comma-separated member user ids, e.g. 12,55,901")
+    recommend_parser.add_argument("--k", type=int, default=10, help="number of items to print (default 10)")
+    recommend_parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    recommend_parser.set_defaults(handler=command_recommend)
     return parser
 
 

@@ -160,3 +160,51 @@ def test_cli_reports_bad_override(weeplaces_slice, tmp_path, capsys):
     code = main(["train", "--data", str(weeplaces_slice), "--output", str(tmp_path), "--set", "aggregator=sum"])
     assert code == 2
     assert "aggregator" in capsys.readouterr().err
+
+
+def test_recommend_returns_k_distinct_items(data):
+    from groupim.recommend import recommend
+
+    config = small_config(pretrain_user=False, pretrain_mi=False, epochs=1)
+    model = fit(config, data, progress=False).model
+    result = recommend(model, data.member_items, [[0, 1, 2], [5]], k=10)
+    assert len(result) == 2
+    assert len(set(result[0].items)) == 10
+    assert result[0].scores == sorted(result[0].scores, reverse=True)
+
+
+def test_recommend_rejects_unknown_user_and_large_k(data):
+    from groupim.recommend import UnknownUserError, recommend
+
+    model = build_model(small_config(), data.n_items)
+    with pytest.raises(UnknownUserError, match=str(data.n_users + 5)):
+        recommend(model, data.member_items, [[0, data.n_users + 5]], k=5)
+    with pytest.raises(ValueError, match="k="):
+        recommend(model, data.member_items, [[0]], k=data.n_items + 1)
+
+
+def test_cli_recommend_json(weeplaces_slice, tmp_path, capsys):
+    output = tmp_path / "run"
+    sets = [f"{key}={value}" for key, value in {**SMALL, "epochs": 1, "pretrain_user": False}.items()]
+    assert main(["train", "--data", str(weeplaces_slice), "--output", str(output), "--no-progress", "--set", *sets]) == 0
+    capsys.readouterr()
+    argv = ["recommend", "--checkpoint", str(output / "model.pt"), "--data", str(weeplaces_slice)]
+    assert main([*argv, "--users", "1,2,3", "--k", "7", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["users"] == [1, 2, 3]
+    assert len(set(printed["items"])) == 7
+
+    assert main([*argv, "--users", "1,x", "--k", "7"]) == 2
+    assert "--users" in capsys.readouterr().err
+
+
+def test_core_package_imports_neither_ray_nor_mlflow():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, groupim.cli, groupim.train, groupim.data, groupim.recommend, groupim.dense;"
+        "print(sorted(m for m in ('ray', 'mlflow') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
