@@ -106,7 +106,7 @@ def test_member_norm_is_l2_per_member():
     assert bags.values[4].item() == pytest.approx(1.0)
 
 
-def test_sparse_cross_entropy_gradcheck():
+def test_sparse_cross_entropy_matches_log_softmax():
     torch.manual_seed(0)
     embeds = torch.randn(3, 4, dtype=torch.double, requires_grad=True)
     weight = torch.randn(6, 4, dtype=torch.double, requires_grad=True)
@@ -114,13 +114,41 @@ def test_sparse_cross_entropy_gradcheck():
     items = torch.tensor([1, 1, 5, 0, 3])  # the repeated (0, 1) pair adds up
     values = torch.tensor([0.5, 0.25, 1.0, 0.3, 0.7], dtype=torch.double)
 
-    def loss(e, w):
-        return sparse_softmax_cross_entropy(e, w, rows, items, values)
-
-    assert torch.autograd.gradcheck(loss, (embeds, weight))
+    loss = sparse_softmax_cross_entropy(embeds, weight, rows, items, values)
+    grads = torch.autograd.grad(loss, (embeds, weight))
     target = torch.zeros(3, 6, dtype=torch.double).index_put_((rows, items), values, accumulate=True)
     expected = -(torch.log_softmax(embeds @ weight.T, dim=1) * target).sum(dim=1).mean()
-    assert loss(embeds, weight).item() == pytest.approx(expected.item())
+    expected_grads = torch.autograd.grad(expected, (embeds, weight))
+
+    assert loss.item() == pytest.approx(expected.item())
+    assert torch.allclose(grads[0], expected_grads[0])
+    assert torch.allclose(grads[1], expected_grads[1])
+
+
+def test_sparse_cross_entropy_rejects_second_backward():
+    embeds = torch.randn(2, 3, requires_grad=True)
+    weight = torch.randn(4, 3, requires_grad=True)
+    loss = sparse_softmax_cross_entropy(embeds, weight, torch.tensor([0, 1]), torch.tensor([2, 3]), torch.ones(2))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward"):
+        loss.backward()
+
+
+def test_sparse_cross_entropy_two_forwards_before_backward():
+    # The second forward finds the shared logits buffer lent and must not overwrite it.
+    torch.manual_seed(1)
+    embeds = torch.randn(2, 3, dtype=torch.double, requires_grad=True)
+    weight = torch.randn(4, 3, dtype=torch.double, requires_grad=True)
+    rows, items, values = torch.tensor([0, 1]), torch.tensor([2, 3]), torch.ones(2, dtype=torch.double)
+    first = sparse_softmax_cross_entropy(embeds, weight, rows, items, values)
+    second = sparse_softmax_cross_entropy(embeds * 2, weight, rows, items, values)
+    (grad_first,) = torch.autograd.grad(first, embeds)
+    (grad_second,) = torch.autograd.grad(second, embeds)
+    target = torch.zeros(2, 4, dtype=torch.double).index_put_((rows, items), values)
+    reference = -(torch.log_softmax(embeds @ weight.T, dim=1) * target).sum(dim=1).mean()
+    assert torch.allclose(grad_first, torch.autograd.grad(reference, embeds)[0])
+    assert second.item() != first.item()
+    assert grad_second.shape == grad_first.shape
 
 
 def test_dense_rows_round_trip(tiny):
