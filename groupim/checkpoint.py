@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from groupim.config import TrainConfig
+from groupim.config import ConfigError, TrainConfig
 from groupim.model import GroupIM
 
 FORMAT_VERSION = 1
@@ -41,12 +41,22 @@ def save_checkpoint(
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[GroupIM, TrainConfig, dict]:
     """Rebuild the model of a checkpoint written by `save_checkpoint`, in eval mode."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or "state_dict" not in payload or "config" not in payload:
-        raise ValueError(f"{path} is not a GroupIM checkpoint (no state_dict and config); write one with groupim train")
-    config = TrainConfig.from_dict(payload["config"], source=f"{path} (config)")
-    model = GroupIM(int(payload["n_items"]), config.embedding_size, config.aggregator, config.dropout)
-    model.load_state_dict(payload["state_dict"])
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} is not a file; pass the model.pt written by groupim train")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for damaged or foreign files
+        raise ValueError(f"{path} is not a readable GroupIM checkpoint ({type(err).__name__}: {err}); "
+                         "pass a model.pt written by groupim train") from None
+    if not isinstance(payload, dict) or not {"state_dict", "config", "n_items"} <= set(payload):
+        raise ValueError(f"{path} is not a GroupIM checkpoint (no state_dict, config and n_items); "
+                         "write one with groupim train")
+    try:
+        config = TrainConfig.from_dict(payload["config"], source=f"{path} (config)")
+        model = GroupIM(int(payload["n_items"]), config.embedding_size, config.aggregator, config.dropout)
+        model.load_state_dict(payload["state_dict"])
+    except (ConfigError, RuntimeError, TypeError, ValueError) as err:
+        raise ValueError(f"{path} is a damaged GroupIM checkpoint: {err}") from None
     return model.to(device).eval(), config, payload

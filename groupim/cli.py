@@ -35,6 +35,8 @@ def command_train(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.set)
     data = load_dataset(args.data)
     output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output {output} is a file; pass a folder for model.pt and metrics.json")
     output.mkdir(parents=True, exist_ok=True)
     logger.info("training on %s (%d groups, %d items) with %s", data.source, data.train_groups.n_groups, data.n_items, config)
 
@@ -49,6 +51,7 @@ def command_train(args: argparse.Namespace) -> int:
         "user_pretraining": result.user_pretraining,
         "mi_pretraining": result.mi_pretraining,
         "group_training": result.group.history,
+        "group_train_losses": result.group.train_losses,
         "best_epoch": result.group.best_epoch,
         "seconds": seconds,
     }
@@ -60,15 +63,25 @@ def command_train(args: argparse.Namespace) -> int:
 
 def command_evaluate(args: argparse.Namespace) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, config, _ = load_checkpoint(args.checkpoint, device)
+    model, config, checkpoint_payload = load_checkpoint(args.checkpoint, device)
     data = load_dataset(args.data)
     if data.n_items != model.n_items:
         raise DataError(
             f"{args.checkpoint} was trained on {model.n_items} items but {data.source} has {data.n_items}; "
             "evaluate it on the dataset it was trained on"
         )
+    warn_other_data(args.checkpoint, checkpoint_payload, data)
     print(json.dumps(group_metrics(model, data, config, args.split), indent=2))
     return 0
+
+
+def warn_other_data(checkpoint: str, payload: dict, data: GroupIMData) -> None:
+    trained_on = payload.get("data_checksum")
+    if trained_on and trained_on != data.checksum:
+        logger.warning(
+            "%s was trained on data with checksum %s, but %s has %s: the metrics describe other data",
+            checkpoint, trained_on[:12], data.source, data.checksum[:12],
+        )
 
 
 def parse_users(text: str) -> list[int]:
@@ -130,7 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", help="dataset folder in the GroupIM CSV format (default: download Weeplaces)")
     train.add_argument("--config", help="YAML file of TrainConfig settings (default: built-in defaults)")
     train.add_argument("--output", required=True, help="folder for model.pt, metrics.json and history.json")
-    train.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config values")
+    train.add_argument(
+        "--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+        help="override config values; may be repeated",
+    )
     train.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     train.set_defaults(handler=command_train)
 
@@ -157,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.handler(args)
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, DataError, FileNotFoundError, ValueError, FloatingPointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -117,7 +118,12 @@ def load_config(
             raise ConfigError(f"{path} must contain a mapping of key: value, not {type(loaded).__name__}")
         values.update(loaded)
         source = str(path)
-    values.update(parse_overrides(overrides))
+    changes = parse_overrides(overrides)
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(changes) - known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) in --set overrides: {', '.join(unknown)}; valid keys: {', '.join(known)}")
+    values.update(changes)
     return TrainConfig.from_dict(values, source=source)
 
 
@@ -130,7 +136,9 @@ def parse_overrides(overrides: Iterable[str] | Mapping[str, Any]) -> dict[str, A
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"invalid override {item!r}; expected key=value, e.g. lambda_mi=0.5")
-        parsed[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        if not raw.strip():
+            raise ConfigError(f"invalid override {item!r}: the value is empty; expected key=value, e.g. lambda_mi=0.5")
+        parsed[key.strip()] = yaml.safe_load(raw)
     return parsed
 
 
@@ -151,9 +159,12 @@ def _convert(name: str, value: Any, annotation: str) -> Any:
         try:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"invalid {name}: {value!r}; expected a number") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"invalid {name}: {value!r}; expected a finite number")
+        return number
     if expected.startswith("str"):
         if not isinstance(value, str):
             raise ConfigError(f"invalid {name}: {value!r}; expected a string")

@@ -490,11 +490,35 @@ def _binary_csr(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -> s
     return matrix
 
 
+# The model holds an embedding row for every id up to the largest, so ids must be
+# numbered densely: a stray huge id would allocate gigabytes of unused rows.
+_MAX_ID_GAP_FACTOR = 2
+_MAX_ID_GAP_SLACK = 1000
+
+
+def _check_dense_ids(tables: dict[str, _Table], column: str, count: int) -> None:
+    """Raise when the largest user or item id is far above the number of distinct ids."""
+    distinct = len(np.unique(np.concatenate([tables[name].ids[column] for name in _UI_FILES])))
+    if count <= _MAX_ID_GAP_FACTOR * distinct + _MAX_ID_GAP_SLACK:
+        return
+    name = max(_UI_FILES, key=lambda file: tables[file].ids[column].max())
+    table = tables[name]
+    row = int(np.argmax(table.ids[column]))
+    raise _row_error(
+        table.path,
+        int(table.lines[row]),
+        f"the {column} id {count - 1} is far above the {distinct} distinct {column} ids of the user-item files",
+        f"Number {column} ids densely from 0, or correct this line",
+    )
+
+
 def _parse_dataset(folder: Path, checksum: str) -> GroupIMData:
     tables = {name: _read_table(folder, name) for name in FILES}
     n_users = 1 + max(int(tables[name].ids["user"].max()) for name in _UI_FILES)
     n_items = 1 + max(int(tables[name].ids["item"].max()) for name in _UI_FILES)
 
+    _check_dense_ids(tables, "user", n_users)
+    _check_dense_ids(tables, "item", n_items)
     user_ranges = _check_user_ranges(tables)
     group_ranges = _check_group_ranges(tables, n_items)
     _check_members(tables, group_ranges, n_users)

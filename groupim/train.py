@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from groupim.batching import GroupBatcher, NegativeSampler, make_bags
-from groupim.config import TrainConfig
+from groupim.config import ConfigError, TrainConfig
 from groupim.evaluate import evaluate_groups, evaluate_users
 from groupim.metrics import SELECTION_METRIC
 from groupim.model import GroupIM
@@ -61,6 +61,7 @@ class Evaluation:
             "best_metrics": dict(self.state.best_metrics),
             "best_model": self.state.best_model,
             "history": list(self.state.history),
+            "train_losses": list(self.state.train_losses),
         }
 
 
@@ -74,7 +75,8 @@ class GroupState:
     best_epoch: int = 0
     best_metrics: dict[str, float] = field(default_factory=dict)
     best_model: dict[str, torch.Tensor] | None = None
-    history: list[dict[str, float]] = field(default_factory=list)
+    history: list[dict[str, float]] = field(default_factory=list)  # one record per evaluation
+    train_losses: list[float] = field(default_factory=list)  # one per epoch
     stopped_early: bool = False
 
 
@@ -86,9 +88,13 @@ class FitResult:
     group: GroupState
 
 
+class TrainingDiverged(FloatingPointError):
+    """The training loss became NaN or infinite."""
+
+
 def resolve_device(config: TrainConfig) -> torch.device:
     if config.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda was requested but CUDA is not available; use device=auto or cpu")
+        raise ConfigError("device=cuda was requested but CUDA is not available; use device=auto or cpu")
     if config.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(config.device)
@@ -158,7 +164,8 @@ def pretrain_user(model: GroupIM, data: "GroupIMData", config: TrainConfig, prog
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
-        record = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "seconds": time.perf_counter() - start}
+        loss = check_loss(float(np.mean(losses)), "user pre-training", epoch)
+        record = {"epoch": epoch + 1, "loss": loss, "seconds": time.perf_counter() - start}
 
         if is_eval_epoch(epoch, config.pretrain_user_epochs, config):
             metrics = evaluate_users(model, val.fold_in, val.held_out, pretraining=True)
@@ -193,7 +200,8 @@ def pretrain_mi(model: GroupIM, data: "GroupIMData", config: TrainConfig, progre
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
-        record = {"epoch": epoch + 1, "loss_mi": float(np.mean(losses)), "seconds": time.perf_counter() - start}
+        loss = check_loss(float(np.mean(losses)), "MI pre-training", epoch)
+        record = {"epoch": epoch + 1, "loss_mi": loss, "seconds": time.perf_counter() - start}
         history.append(record)
         logger.info("MI pre-training epoch %d: %s", epoch + 1, _format(record))
     return {"history": history}
@@ -221,7 +229,13 @@ def train_group(
     if resume is not None:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
-        state = GroupState(resume["best_epoch"], dict(resume["best_metrics"]), resume["best_model"], list(resume["history"]))
+        state = GroupState(
+            resume["best_epoch"],
+            dict(resume["best_metrics"]),
+            resume["best_model"],
+            list(resume["history"]),
+            list(resume.get("train_losses", [])),
+        )
         start_epoch = int(resume["epoch"])
     batcher = train_batcher(data, config)
     best = state.best_metrics.get(SELECTION_METRIC, -math.inf)
@@ -238,7 +252,8 @@ def train_group(
             optimizer.step()
             losses.append(loss.item())
         seconds = time.perf_counter() - start
-        train_loss = float(np.mean(losses))
+        train_loss = check_loss(float(np.mean(losses)), "group training", epoch)
+        state.train_losses.append(train_loss)
         if not is_eval_epoch(epoch, config.epochs, config):
             logger.info("group epoch %d: loss %.4f (%.1f s)", epoch + 1, train_loss, seconds)
             continue
@@ -274,6 +289,15 @@ def fit(
     mi_result = pretrain_mi(model, data, config, progress) if config.pretrain_mi else {}
     group_state = train_group(model, data, config, callback, progress=progress)
     return FitResult(model, user_result, mi_result, group_state)
+
+
+def check_loss(loss: float, phase: str, epoch_index: int) -> float:
+    """Return the epoch's mean loss, or raise TrainingDiverged when it is NaN or infinite."""
+    if not math.isfinite(loss):
+        raise TrainingDiverged(
+            f"{phase} diverged in epoch {epoch_index + 1}: mean loss {loss}; lower the learning rate or lambda_mi"
+        )
+    return loss
 
 
 def _format(values: dict[str, Any]) -> str:

@@ -41,6 +41,10 @@ def test_overrides_parse_as_yaml():
         ("lr=fast", "lr"),
         ("epochs=-1", "epochs"),
         ("lambda_mi", "lambda_mi"),
+        ("lr=inf", "finite"),
+        ("lambda_mi=.nan", "lambda_mi"),
+        ("lr=", "empty"),
+        ("colour=red", "--set"),
     ],
 )
 def test_invalid_override_names_it(override, named):

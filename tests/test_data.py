@@ -213,6 +213,7 @@ FAULTS = [
     ("partial row", replace_line("val_ui_tr", 3, "4"), "val_ui_tr.csv", 3, "partial row"),
     ("extra field", replace_line("train_gi", 4, "1,2,9"), "train_gi.csv", 4, "has 3 fields"),
     ("extra field first row", replace_line("train_gi", 2, "0,0,9"), "train_gi.csv", 2, "has 3 fields"),
+    ("sparse item id", replace_line("train_ui", 7, "3,9999999"), "train_ui.csv", 7, "far above the"),
     ("user ranges overlap", replace_line("val_ui_te", 3, "3,3"), "val_ui_te.csv", 3, "inside the range 0-3"),
     ("group id gap", replace_line("train_gi", 4, None), "train_gi.csv", 4, "group 1, which has no items"),
     ("group ranges overlap", {"val_gi": "group,item\n2,1\n3,1\n"}, "val_gi.csv", 2, "range 0-2 of train_gi.csv"),

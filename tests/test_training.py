@@ -208,3 +208,31 @@ def test_core_package_imports_neither_ray_nor_mlflow():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_cli_rejects_bad_files_cleanly(weeplaces_slice, tmp_path, capsys):
+    text_file = tmp_path / "notes.pt"
+    text_file.write_text("hello")
+    assert main(["evaluate", "--checkpoint", str(text_file), "--data", str(weeplaces_slice)]) == 2
+    assert "not a readable GroupIM checkpoint" in capsys.readouterr().err
+
+    assert main(["train", "--data", str(weeplaces_slice), "--output", str(text_file)]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_cli_repeated_set_adds_up(weeplaces_slice, tmp_path):
+    output = tmp_path / "run"
+    sets = [f"{key}={value}" for key, value in {**SMALL, "epochs": 1, "pretrain_user": False}.items()]
+    argv = ["train", "--data", str(weeplaces_slice), "--output", str(output), "--no-progress"]
+    assert main([*argv, "--set", *sets[:3], "--set", *sets[3:]]) == 0
+    payload = torch.load(output / "model.pt", weights_only=True)
+    assert payload["config"]["embedding_size"] == 16
+    assert payload["config"]["epochs"] == 1
+
+
+def test_diverged_loss_raises():
+    from groupim.train import TrainingDiverged, check_loss
+
+    assert check_loss(1.5, "group training", 0) == 1.5
+    with pytest.raises(TrainingDiverged, match="epoch 3"):
+        check_loss(float("nan"), "group training", 2)
