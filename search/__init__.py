@@ -1,0 +1,1 @@
+"""Hyper-parameter search of GroupIM with Ray Tune: experiments, trainable, results."""

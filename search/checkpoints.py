@@ -1,0 +1,109 @@
+"""Trial checkpoints: their files, the model in them, and keeping only the best few per trial.
+
+A checkpoint folder contains training_state.pt (what train_group needs to resume, plus the
+trial's TrainConfig) and checkpoint.json (its epoch and validation metrics).
+
+Ray Tune is not asked to delete checkpoints (no CheckpointConfig.num_to_keep), because in
+Ray 2.60 that races with the experiment state: when a trial reports a new checkpoint, Ray
+deletes the previous latest one at once if its metric is not among the best, but the
+experiment state that a killed driver leaves behind can still name it, and --resume then
+fails with "Could not recover from checkpoint as it does not exist on storage anymore".
+CheckpointPruner instead deletes a trial's surplus checkpoints once the trial has ended,
+always keeping its latest one, so every checkpoint a resume can ask for still exists.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from ray import tune
+
+from groupim.config import TrainConfig
+from groupim.model import GroupIM
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "training_state.pt"
+SUMMARY_FILE = "checkpoint.json"
+CHECKPOINT_PREFIX = "checkpoint_"  # Ray Tune names checkpoint folders checkpoint_000000, ...
+
+
+def write_checkpoint(folder: Path, payload: dict[str, Any], summary: dict[str, Any]) -> None:
+    """Write a checkpoint's files into `folder`, which Ray Tune then copies to storage."""
+    torch.save(payload, folder / CHECKPOINT_FILE)
+    (folder / SUMMARY_FILE).write_text(json.dumps(summary))
+
+
+def read_training_state(folder: str | Path) -> dict[str, Any]:
+    return torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+
+
+def load_checkpoint_model(folder: str | Path) -> tuple[GroupIM, TrainConfig, dict[str, Any]]:
+    """Rebuild the model saved in a trial checkpoint folder, in eval mode on the CPU.
+
+    Returns the model at that checkpoint's epoch (for the best checkpoint of a trial, its
+    best epoch), the trial's TrainConfig and the checkpoint's epoch, metrics, pre-training
+    summary and data checksum.
+    """
+    saved = read_training_state(folder)
+    config = TrainConfig.from_dict(saved["config"], source=f"{folder}/{CHECKPOINT_FILE}")
+    model = GroupIM(int(saved["n_items"]), config.embedding_size, config.aggregator, config.dropout)
+    model.load_state_dict(saved["model"])
+    details = {key: saved[key] for key in ("epoch", "metrics", "pretraining", "data_checksum")}
+    return model.eval(), config, details
+
+
+def prune_checkpoints(trial_dir: str | Path, latest: str | Path | None, keep: int, metric: str) -> list[Path]:
+    """Delete the checkpoints of an ended trial except its `keep` best by `metric` and `latest`.
+
+    Folders written after `latest` (the last checkpoint Ray Tune registered) and folders
+    without a summary are left alone. Returns the deleted folders.
+    """
+    folders = sorted(Path(trial_dir).glob(CHECKPOINT_PREFIX + "*"))
+    latest_name = Path(latest).name if latest is not None else None
+    scored = []
+    for folder in folders:
+        if latest_name is not None and folder.name > latest_name:
+            continue
+        summary_path = folder / SUMMARY_FILE
+        if not summary_path.is_file():
+            continue
+        value = json.loads(summary_path.read_text()).get(metric)
+        scored.append((value if isinstance(value, (int, float)) and math.isfinite(value) else -math.inf, folder))
+
+    # Highest metric first; of equal values the earlier checkpoint wins.
+    scored.sort(key=lambda item: (-item[0], item[1].name))
+    kept = {folder for _, folder in scored[:keep]}
+    deleted = []
+    for _, folder in scored:
+        if folder in kept or folder.name == latest_name:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        deleted.append(folder)
+    return deleted
+
+
+class CheckpointPruner(tune.Callback):
+    """Keeps each ended trial's `keep` best checkpoints by `metric` and its latest one."""
+
+    def __init__(self, keep: int, metric: str) -> None:
+        self.keep = keep
+        self.metric = metric
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        latest = trial.checkpoint.path if trial.checkpoint is not None else None
+        deleted = prune_checkpoints(trial.path, latest, self.keep, self.metric)
+        logger.debug("trial %s: deleted %d checkpoints", trial.trial_id, len(deleted))
+
+
+def prune_all_trials(result_grid: tune.ResultGrid, keep: int, metric: str) -> None:
+    """Prune every trial of a search whose trials have all ended (see prune_checkpoints)."""
+    for result in result_grid:
+        latest = result.checkpoint.path if result.checkpoint is not None else None
+        prune_checkpoints(result.path, latest, keep, metric)
