@@ -14,10 +14,10 @@ always keeping its latest one, so every checkpoint a resume can ask for still ex
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from ray import tune
 
 from groupim.config import TrainConfig
 from groupim.model import GroupIM
+from search.storage import RemotePath, location_on, remove_tree, storage_location
 
 logger = logging.getLogger(__name__)
 
@@ -40,11 +41,15 @@ def write_checkpoint(folder: Path, payload: dict[str, Any], summary: dict[str, A
     (folder / SUMMARY_FILE).write_text(json.dumps(summary))
 
 
-def read_training_state(folder: str | Path) -> dict[str, Any]:
-    return torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+def read_training_state(folder: str | Path | RemotePath) -> dict[str, Any]:
+    """Load training_state.pt from a checkpoint folder given as a local path or a URI such as s3://..."""
+    state_file = storage_location(folder) / CHECKPOINT_FILE
+    if isinstance(state_file, RemotePath):
+        return torch.load(io.BytesIO(state_file.read_bytes()), map_location="cpu", weights_only=True)
+    return torch.load(state_file, map_location="cpu", weights_only=True)
 
 
-def load_checkpoint_model(folder: str | Path) -> tuple[GroupIM, TrainConfig, dict[str, Any]]:
+def load_checkpoint_model(folder: str | Path | RemotePath) -> tuple[GroupIM, TrainConfig, dict[str, Any]]:
     """Rebuild the model saved in a trial checkpoint folder, in eval mode on the CPU.
 
     Returns the model at that checkpoint's epoch (for the best checkpoint of a trial, its
@@ -59,13 +64,15 @@ def load_checkpoint_model(folder: str | Path) -> tuple[GroupIM, TrainConfig, dic
     return model.eval(), config, details
 
 
-def prune_checkpoints(trial_dir: str | Path, latest: str | Path | None, keep: int, metric: str) -> list[Path]:
+def prune_checkpoints(
+    trial_dir: str | Path | RemotePath, latest: str | Path | None, keep: int, metric: str
+) -> list[Path | RemotePath]:
     """Delete the checkpoints of an ended trial except its `keep` best by `metric` and `latest`.
 
     Folders written after `latest` (the last checkpoint Ray Tune registered) and folders
     without a summary are left alone. Returns the deleted folders.
     """
-    folders = sorted(Path(trial_dir).glob(CHECKPOINT_PREFIX + "*"))
+    folders = sorted(storage_location(trial_dir).glob(CHECKPOINT_PREFIX + "*"))
     latest_name = Path(latest).name if latest is not None else None
     scored = []
     for folder in folders:
@@ -84,7 +91,7 @@ def prune_checkpoints(trial_dir: str | Path, latest: str | Path | None, keep: in
     for _, folder in scored:
         if folder in kept or folder.name == latest_name:
             continue
-        shutil.rmtree(folder, ignore_errors=True)
+        remove_tree(folder)
         deleted.append(folder)
     return deleted
 
@@ -98,7 +105,8 @@ class CheckpointPruner(tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         latest = trial.checkpoint.path if trial.checkpoint is not None else None
-        deleted = prune_checkpoints(trial.path, latest, self.keep, self.metric)
+        trial_dir = location_on(trial.storage.storage_filesystem, trial.path)
+        deleted = prune_checkpoints(trial_dir, latest, self.keep, self.metric)
         logger.debug("trial %s: deleted %d checkpoints", trial.trial_id, len(deleted))
 
 
@@ -106,4 +114,4 @@ def prune_all_trials(result_grid: tune.ResultGrid, keep: int, metric: str) -> No
     """Prune every trial of a search whose trials have all ended (see prune_checkpoints)."""
     for result in result_grid:
         latest = result.checkpoint.path if result.checkpoint is not None else None
-        prune_checkpoints(result.path, latest, keep, metric)
+        prune_checkpoints(location_on(result.filesystem, result.path), latest, keep, metric)

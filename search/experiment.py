@@ -20,6 +20,7 @@ import yaml
 
 from groupim.config import ConfigError, TrainConfig, load_config
 from groupim.train import is_eval_epoch
+from search.storage import RemotePath, is_uri, storage_location
 
 ALGORITHMS = ("grid", "tpe")
 
@@ -82,10 +83,10 @@ class Resources:
 
 @dataclass(frozen=True)
 class Experiment:
-    """A loaded search experiment; paths are absolute."""
+    """A loaded search experiment; local paths are absolute."""
 
     name: str  # folder of the experiment under storage_path
-    source: Path | None  # the YAML file it was loaded from
+    source: Path | RemotePath | None  # the YAML file it was loaded from
     train: TrainConfig  # settings of every trial before the axes are applied
     algorithm: str  # "grid" or "tpe"
     axes: tuple[Axis, ...]
@@ -96,12 +97,12 @@ class Experiment:
     resources: Resources
     max_failures: int  # retries of a failed trial, each from its latest checkpoint
     checkpoints_to_keep: int  # best checkpoints kept per trial, by the selection metric
-    storage_path: Path
+    storage_path: Path | RemotePath  # a local folder, or a URI such as s3://bucket/prefix
     data: Path | None  # None: groupim.data.load_dataset(None), which downloads Weeplaces
 
     @property
-    def path(self) -> Path:
-        """The experiment folder: Ray Tune's trials, trials.csv, best.json, pre-training store."""
+    def path(self) -> Path | RemotePath:
+        """The experiment folder: Ray Tune's trials, trials.csv, best.json and, if local, the pre-training store."""
         return self.storage_path / self.name
 
     @property
@@ -157,7 +158,7 @@ DEFAULT_CHECKPOINTS_TO_KEEP = 2
 
 
 def load_experiment(
-    path: str | Path,
+    path: str | Path | RemotePath,
     *,
     data: str | Path | None = None,
     storage_path: str | Path | None = None,
@@ -168,7 +169,7 @@ def load_experiment(
     `base` is relative to the YAML file's folder; `data` and `storage_path` are relative to
     the current directory, like the command-line options that override them.
     """
-    path = Path(path)
+    path = storage_location(path)  # a URI when --resume reads the settings of an experiment on s3://
     if not path.is_file():
         raise ExperimentError(f"experiment file not found: {path}")
     try:
@@ -190,7 +191,7 @@ def load_experiment(
     return load_experiment_dict(values, source=path)
 
 
-def load_experiment_dict(values: Mapping[str, Any], source: Path | None = None) -> Experiment:
+def load_experiment_dict(values: Mapping[str, Any], source: Path | RemotePath | None = None) -> Experiment:
     """Build an Experiment from the parsed YAML mapping (see load_experiment)."""
     where = str(source) if source is not None else "experiment"
     _reject_unknown(values, TOP_LEVEL_KEYS, "", where)
@@ -229,13 +230,13 @@ def load_experiment_dict(values: Mapping[str, Any], source: Path | None = None) 
         checkpoints_to_keep=_integer(
             values.get("checkpoints_to_keep", DEFAULT_CHECKPOINTS_TO_KEEP), "checkpoints_to_keep", where, minimum=1
         ),
-        storage_path=_absolute_path(values.get("storage_path", DEFAULT_STORAGE_PATH), "storage_path", where),
+        storage_path=_storage_path(values.get("storage_path", DEFAULT_STORAGE_PATH), where),
         data=None if values.get("data") is None else _absolute_path(values["data"], "data", where),
     )
 
 
 def _load_train(
-    values: Mapping[str, Any], source: Path | None, scheduler: AshaSettings, resources: Resources, where: str
+    values: Mapping[str, Any], source: Path | RemotePath | None, scheduler: AshaSettings, resources: Resources, where: str
 ) -> TrainConfig:
     overrides = dict(_mapping(values.get("train", {}), "train", where))
     for reserved, owner in ((EPOCHS_FIELD, "scheduler.max_epochs"), (THREADS_FIELD, "resources.cpus_per_trial")):
@@ -402,6 +403,16 @@ def _integer(value: Any, label: str, where: str, minimum: int) -> int:
 
 def _optional_integer(value: Any, label: str, where: str, minimum: int) -> int | None:
     return None if value is None else _integer(value, label, where, minimum)
+
+
+def _storage_path(value: Any, where: str) -> Path | RemotePath:
+    """Return a URI such as s3://bucket/prefix as a RemotePath, else the absolute local folder."""
+    if isinstance(value, str) and is_uri(value):
+        try:
+            return storage_location(value)
+        except ValueError as err:
+            raise ExperimentError(f"invalid storage_path in {where}: {err}") from err
+    return _absolute_path(value, "storage_path", where)
 
 
 def _absolute_path(value: Any, label: str, where: str) -> Path:

@@ -14,6 +14,7 @@ from ray import tune
 from groupim.metrics import METRICS, SELECTION_METRIC
 from groupim.train import is_eval_epoch
 from search.experiment import Experiment
+from search.storage import RemotePath, location_on
 from search.trainable import ATTEMPTS_FOLDER, TIME_ATTR, TUNE_METRIC, VALIDATION_PREFIX
 
 TRIALS_CSV = "trials.csv"
@@ -117,7 +118,10 @@ def _trial_row(experiment: Experiment, trial, result, history: pd.DataFrame | No
     # Seconds this trial spent in pre-training: computing, or waiting for and loading a shared state.
     seconds = [last[f"pretrain_{phase}_seconds"] for phase in ("user", "mi") if last is not None and f"pretrain_{phase}_seconds" in last]
     row["pretrain_seconds"] = float(sum(seconds)) if seconds else None
-    row["attempts"] = _count_attempts(experiment, trial.trial_id)
+    attempts = _read_attempts(experiment, trial.trial_id)
+    row["attempts"] = len(attempts)
+    # The Ray node of the trial's last start; on a cluster, retries may run elsewhere.
+    row["node_id"] = attempts[-1].get("node_id", "") if attempts else ""
     row["failures"] = trial.num_failures
     row["error"] = _error_line(result) if status == FAILED else ""
     row["checkpoint"] = _best_checkpoint(result, best_row)
@@ -131,12 +135,13 @@ def _trial_row(experiment: Experiment, trial, result, history: pd.DataFrame | No
 
 
 def _best_checkpoint(result, best_row) -> str | None:
-    """Path of the checkpoint saved at the trial's best epoch, if it is still kept."""
+    """Path or URI of the checkpoint saved at the trial's best epoch, if it is still kept."""
     if result is None or best_row is None:
         return None
     for checkpoint, metrics in result.best_checkpoints:
         if metrics.get(TIME_ATTR) == best_row[TIME_ATTR]:
-            return checkpoint.path
+            # checkpoint.path has no scheme: for S3 it is bucket/key on checkpoint.filesystem.
+            return str(location_on(checkpoint.filesystem, checkpoint.path))
     return None
 
 
@@ -150,9 +155,12 @@ def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
-def _count_attempts(experiment: Experiment, trial_id: str) -> int:
+def _read_attempts(experiment: Experiment, trial_id: str) -> list[dict[str, Any]]:
+    """Return the trial's starts recorded by search.trainable.record_attempt, oldest first."""
     path = experiment.path / ATTEMPTS_FOLDER / f"{trial_id}.jsonl"
-    return len(path.read_text().splitlines()) if path.is_file() else 0
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _error_line(result) -> str:
@@ -186,10 +194,10 @@ def _best(experiment: Experiment, rows: list[dict[str, Any]], details: dict[str,
     }
 
 
-def write_results(experiment: Experiment, summary: SearchSummary) -> tuple[Path, Path | None]:
+def write_results(experiment: Experiment, summary: SearchSummary) -> tuple[Path | RemotePath, Path | RemotePath | None]:
     """Write trials.csv and, when a trial succeeded, best.json; return their paths."""
     trials_path = experiment.path / TRIALS_CSV
-    pd.DataFrame(summary.rows).to_csv(trials_path, index=False)
+    trials_path.write_text(pd.DataFrame(summary.rows).to_csv(index=False))
     if summary.best is None:
         return trials_path, None
     best_path = experiment.path / BEST_JSON

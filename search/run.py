@@ -28,11 +28,15 @@ import yaml  # noqa: E402
 
 from groupim.data import DataError, load_dataset  # noqa: E402
 from groupim.metrics import METRICS  # noqa: E402
+from search import mlflow_search  # noqa: E402
 from search.checkpoints import prune_all_trials  # noqa: E402
 from search.experiment import Experiment, ExperimentError, load_experiment  # noqa: E402
 from search.results import FAILED, STOPPED_EARLY, UNFINISHED, SearchSummary, summarize, write_results  # noqa: E402
+from search.storage import StorageError, check_storage_path  # noqa: E402
 from search.trainable import TUNE_METRIC  # noqa: E402
 from search.tuner import can_restore, new_tuner, restore_tuner  # noqa: E402
+from search.registry import CHAMPION_ALIAS  # noqa: E402
+from search.tracking import TrackingError, TrackingTarget, resolve_tracking_uri  # noqa: E402
 
 logger = logging.getLogger("search")
 
@@ -61,8 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--address", help="address of a running Ray cluster to join (default: $RAY_ADDRESS, else start a local one)"
     )
-    parser.add_argument("--storage-path", help="parent folder of the experiment folder; overrides storage_path")
+    parser.add_argument(
+        "--storage-path",
+        help="parent folder of the experiment folder, or a URI such as s3://BUCKET/PREFIX; overrides storage_path. "
+        "On a multi-node Ray cluster a local folder must be on a file system shared by every node",
+    )
     parser.add_argument("--num-samples", type=int, help="grid repetitions or TPE trials; overrides search.num_samples")
+    parser.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the current folder "
+        "with artifacts in ./mlartifacts)",
+    )
     parser.add_argument(
         "--resume", action="store_true",
         help="continue the interrupted experiment in <storage_path>/<name> with the settings it started with",
@@ -83,18 +96,31 @@ def main(argv: list[str] | None = None) -> int:
         "experiment %s: %d trials on %s (%d items, %d training groups) in %s",
         experiment.name, experiment.num_trials, data.source, data.n_items, data.train_groups.n_groups, experiment.path,
     )
+    start_ray(args.address)
+    try:
+        check_storage_path(experiment.storage_path)
+    except StorageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        tracking = mlflow_search.start(resolve_tracking_uri(args.tracking_uri), experiment, data, args.resume)
+    except TrackingError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
     if not args.resume:
         write_snapshot(experiment)
 
-    start_ray(args.address)
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", EXPERIMENT_STATE_PERIOD_S)
     start = time.perf_counter()
-    tuner = restore_tuner(experiment) if args.resume else new_tuner(experiment)
+    tuner = restore_tuner(experiment, tracking) if args.resume else new_tuner(experiment, tracking)
     result_grid = tuner.fit()
     summary = summarize(experiment, result_grid)
     if not summary.interrupted:
         prune_all_trials(result_grid, experiment.checkpoints_to_keep, TUNE_METRIC)
-    return report(experiment, summary, time.perf_counter() - start, args)
+    code = report(experiment, summary, time.perf_counter() - start, args)
+    champion = mlflow_search.finish(tracking, experiment, summary, result_grid, data, code)
+    print_tracking(tracking, champion)
+    return code
 
 
 def prepare_experiment(args: argparse.Namespace) -> Experiment:
@@ -191,6 +217,14 @@ def report(experiment: Experiment, summary: SearchSummary, seconds: float, args:
     print(f"  checkpoint: {best['checkpoint']}")
     print(f"Best: {best_path}")
     return 0
+
+
+def print_tracking(tracking: TrackingTarget, champion) -> None:
+    print(f"MLflow: parent run {tracking.parent_run_id} in {tracking.tracking_uri}")
+    if champion is not None:
+        print(f"  model: models:/{champion.name}@{CHAMPION_ALIAS} (version {champion.version})")
+    if tracking.tracking_uri.startswith("sqlite:"):
+        print(f"  browse: mlflow ui --backend-store-uri {tracking.tracking_uri}")
 
 
 def _print_pretraining(summary: SearchSummary) -> None:

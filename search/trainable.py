@@ -8,6 +8,7 @@ from its latest checkpoint without pre-training again.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -17,17 +18,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 from ray import tune
 
 from groupim.config import TrainConfig
-from groupim.data import GroupIMData, load_dataset
+from groupim.data import GroupIMData, cache_root, load_dataset
 from groupim.metrics import METRICS, SELECTION_METRIC, SELECTION_MODE
 from groupim.model import GroupIM
 from groupim.train import Evaluation, build_model, pretrain_mi, pretrain_user, train_group
 # load_checkpoint_model is re-exported for callers that import it from this module.
 from search.checkpoints import load_checkpoint_model, read_training_state, write_checkpoint  # noqa: F401
 from search.pretraining import MI_PHASE, USER_PHASE, PretrainingStore, StoredState, phase_key
+from search.storage import RemotePath, append_line, storage_location
+from search.tracking import TrackingTarget
+from search.trial_logger import TrialRunLogger
 
 # Names in the results that Ray Tune, the scheduler and trials.csv read.
 TIME_ATTR = "epoch"  # group-training epochs completed, the scheduler's time unit
@@ -51,14 +56,30 @@ class TrialSettings:
     data: str | None  # dataset folder, None for the downloaded Weeplaces
     experiment_path: str  # the experiment folder on storage every node can reach
     threads: int  # torch CPU threads, the trial's whole CPUs
+    tracking: TrackingTarget | None = None  # the MLflow store and parent run; None logs nothing to MLflow
 
 
 def train_trial(config: dict[str, Any], settings: TrialSettings) -> None:
-    """Train one configuration, reporting to Ray Tune on every evaluation epoch."""
+    """Train one configuration, reporting to Ray Tune and MLflow on every evaluation epoch."""
     torch.set_num_threads(settings.threads)
     train_config = TrainConfig.from_dict({**settings.train, **config}, source="trial config")
+    run_logger = None
+    if settings.tracking is not None:
+        trial_id = tune.get_context().get_trial_id()
+        run_logger = TrialRunLogger(settings.tracking, trial_id, config, train_config.to_dict(), TUNE_METRIC)
+    try:
+        train_and_report(train_config, settings, run_logger)
+    except Exception as err:
+        if run_logger is not None:
+            run_logger.finish("failed", err)
+        raise
+    if run_logger is not None:
+        run_logger.finish("completed")
+
+
+def train_and_report(train_config: TrainConfig, settings: TrialSettings, run_logger: TrialRunLogger | None) -> None:
     data = load_dataset(settings.data)
-    experiment_path = Path(settings.experiment_path)
+    experiment_path = storage_location(settings.experiment_path)
 
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
@@ -71,10 +92,12 @@ def train_trial(config: dict[str, Any], settings: TrialSettings) -> None:
     else:
         resume = None
         record_attempt(experiment_path, resume)
-        store = PretrainingStore(experiment_path / PRETRAINING_FOLDER)
+        store = PretrainingStore(pretraining_folder(experiment_path))
         model, pretraining = pretrained_model(train_config, data, store)
 
-    reporter = Reporter(train_config, data, pretraining)
+    if run_logger is not None:
+        run_logger.log_pretraining(pretraining)
+    reporter = Reporter(train_config, data, pretraining, run_logger)
     train_group(model, data, train_config, callback=reporter, resume=resume, progress=False)
 
 
@@ -145,12 +168,15 @@ def _phase_summary(phase: str, stored: StoredState) -> dict[str, Any]:
 
 
 class Reporter:
-    """The train_group callback: reports each evaluation to Ray Tune with a checkpoint."""
+    """The train_group callback: reports each evaluation to Ray Tune with a checkpoint, and to MLflow."""
 
-    def __init__(self, config: TrainConfig, data: GroupIMData, pretraining: dict[str, Any]) -> None:
+    def __init__(
+        self, config: TrainConfig, data: GroupIMData, pretraining: dict[str, Any], run_logger: TrialRunLogger | None = None
+    ) -> None:
         self.config = config
         self.data = data
         self.pretraining = pretraining
+        self.run_logger = run_logger
 
     def __call__(self, evaluation: Evaluation) -> None:
         check_finite(evaluation)
@@ -166,6 +192,8 @@ class Reporter:
             best_epoch=evaluation.state.best_epoch,
             **self.pretraining,
         )
+        if self.run_logger is not None:
+            self.run_logger.log_result(metrics)  # only queues them, so a slow store never delays training
         summary = {TIME_ATTR: evaluation.epoch, **{VALIDATION_PREFIX + name: evaluation.metrics[name] for name in METRICS}}
         with tempfile.TemporaryDirectory(prefix="groupim-checkpoint-") as folder:
             write_checkpoint(Path(folder), self.checkpoint_payload(evaluation), summary)
@@ -209,16 +237,27 @@ def resume_state(saved: dict[str, Any]) -> dict[str, Any]:
     return resume
 
 
-def record_attempt(experiment_path: Path, resume: dict[str, Any] | None) -> None:
+def pretraining_folder(experiment_path: Path | RemotePath) -> Path:
+    """Return the folder of the shared pre-trained states of an experiment.
+
+    PretrainingStore needs file locks, which object stores lack. With the experiment on a
+    URI, each node keeps the states in its own cache folder, so trials share a pre-trained
+    state only with trials on the same node.
+    """
+    if isinstance(experiment_path, Path):
+        return experiment_path / PRETRAINING_FOLDER
+    digest = hashlib.sha256(str(experiment_path).encode()).hexdigest()[:16]
+    return cache_root() / PRETRAINING_FOLDER / f"{experiment_path.name}-{digest}"
+
+
+def record_attempt(experiment_path: Path | RemotePath, resume: dict[str, Any] | None) -> None:
     """Append this start of the trial to attempts/<trial id>.jsonl in the experiment folder."""
     context = tune.get_context()
-    folder = experiment_path / ATTEMPTS_FOLDER
-    folder.mkdir(parents=True, exist_ok=True)
     line = {
         "trial_id": context.get_trial_id(),
         "start_epoch": 0 if resume is None else int(resume["epoch"]),
         "pid": os.getpid(),
+        "node_id": ray.get_runtime_context().get_node_id(),  # the Ray node that runs this attempt
         "time": time.time(),
     }
-    with open(folder / f"{context.get_trial_id()}.jsonl", "a") as attempts:
-        attempts.write(json.dumps(line) + "\n")
+    append_line(experiment_path / ATTEMPTS_FOLDER / f"{context.get_trial_id()}.jsonl", json.dumps(line))

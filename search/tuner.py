@@ -13,6 +13,8 @@ from ray.tune.search.optuna import OptunaSearch
 
 from search.checkpoints import CheckpointPruner
 from search.experiment import Axis, Experiment
+from search.mlflow_search import TrialRunStatus
+from search.tracking import TrackingTarget
 from search.trainable import TIME_ATTR, TUNE_METRIC, TUNE_MODE, TrialSettings, train_trial
 
 
@@ -73,22 +75,23 @@ def scheduler(experiment: Experiment) -> ASHAScheduler:
     )
 
 
-def trainable(experiment: Experiment):
+def trainable(experiment: Experiment, tracking: TrackingTarget | None = None):
     """train_trial with the experiment's shared settings and each trial's resources."""
     settings = TrialSettings(
         train=experiment.train.to_dict(),
         data=None if experiment.data is None else str(experiment.data),
         experiment_path=str(experiment.path),
         threads=experiment.resources.torch_threads,
+        tracking=tracking,
     )
     resources = {"cpu": experiment.resources.cpus_per_trial, "gpu": experiment.resources.gpus_per_trial}
     return tune.with_resources(tune.with_parameters(train_trial, settings=settings), resources)
 
 
-def new_tuner(experiment: Experiment) -> tune.Tuner:
-    """Create a Tuner that starts the experiment in experiment.path."""
+def new_tuner(experiment: Experiment, tracking: TrackingTarget | None = None) -> tune.Tuner:
+    """Create a Tuner that starts the experiment in experiment.path; trials log to `tracking`."""
     return tune.Tuner(
-        trainable(experiment),
+        trainable(experiment, tracking),
         param_space=param_space(experiment),
         tune_config=tune.TuneConfig(
             metric=TUNE_METRIC,
@@ -108,12 +111,13 @@ def new_tuner(experiment: Experiment) -> tune.Tuner:
                 checkpoint_score_order=TUNE_MODE,
             ),
             failure_config=tune.FailureConfig(max_failures=experiment.max_failures),
-            callbacks=[CheckpointPruner(experiment.checkpoints_to_keep, TUNE_METRIC)],
+            callbacks=[CheckpointPruner(experiment.checkpoints_to_keep, TUNE_METRIC)]
+            + ([TrialRunStatus(experiment)] if tracking is not None else []),
         ),
     )
 
 
-def restore_tuner(experiment: Experiment) -> tune.Tuner:
+def restore_tuner(experiment: Experiment, tracking: TrackingTarget | None = None) -> tune.Tuner:
     """Restore the interrupted experiment in experiment.path with its searcher and scheduler state.
 
     Unfinished trials continue from their latest checkpoint; finished and failed trials
@@ -121,7 +125,7 @@ def restore_tuner(experiment: Experiment) -> tune.Tuner:
     """
     return tune.Tuner.restore(
         str(experiment.path),
-        trainable(experiment),
+        trainable(experiment, tracking),
         resume_unfinished=True,
         resume_errored=False,
         restart_errored=False,

@@ -26,3 +26,15 @@ def weeplaces_slice(weeplaces_dir, tmp_path_factory) -> Path:
     from groupim.data import write_slice
 
     return write_slice(weeplaces_dir, tmp_path_factory.mktemp("weeplaces-slice"), (400, 150, 150))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def mlflow_store(tmp_path_factory) -> Path:
+    """Point $MLFLOW_TRACKING_URI at a SQLite store in a temporary folder for the whole session.
+
+    Searches started by tests then log there instead of to mlflow.db in the working folder.
+    """
+    folder = tmp_path_factory.mktemp("mlflow")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder / 'mlflow.db'}")
+        yield folder
