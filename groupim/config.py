@@ -122,7 +122,10 @@ def load_config(
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(changes) - known)
     if unknown:
-        raise ConfigError(f"unknown key(s) in --set overrides: {', '.join(unknown)}; valid keys: {', '.join(known)}")
+        raise ConfigError(
+            f"unknown key(s) in the overrides (--set, or the train: block of a search experiment): "
+            f"{', '.join(unknown)}; valid keys: {', '.join(sorted(known))}"
+        )
     values.update(changes)
     return TrainConfig.from_dict(values, source=source)
 

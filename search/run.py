@@ -25,6 +25,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import ray  # noqa: E402
 import yaml  # noqa: E402
+from filelock import FileLock, Timeout  # noqa: E402
 
 from groupim.data import DataError, load_dataset  # noqa: E402
 from groupim.metrics import METRICS  # noqa: E402
@@ -32,7 +33,7 @@ from search import mlflow_search  # noqa: E402
 from search.checkpoints import prune_all_trials  # noqa: E402
 from search.experiment import Experiment, ExperimentError, load_experiment  # noqa: E402
 from search.results import FAILED, STOPPED_EARLY, UNFINISHED, SearchSummary, summarize, write_results  # noqa: E402
-from search.storage import StorageError, check_storage_path  # noqa: E402
+from search.storage import StorageError, check_storage_path, is_uri  # noqa: E402
 from search.trainable import TUNE_METRIC  # noqa: E402
 from search.tuner import can_restore, new_tuner, restore_tuner  # noqa: E402
 from search.registry import CHAMPION_ALIAS  # noqa: E402
@@ -84,6 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(argv)
+    finally:
+        while _HELD_LOCKS:
+            _HELD_LOCKS.pop().release()
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run or resume the search of the command line and return the exit code."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -130,6 +140,7 @@ def prepare_experiment(args: argparse.Namespace) -> Experiment:
     experiment = load_experiment(
         args.experiment, data=args.data, storage_path=args.storage_path, num_samples=args.num_samples
     )
+    lock_experiment(experiment)
     restorable = can_restore(experiment)
     if not args.resume:
         if restorable:
@@ -154,6 +165,30 @@ def prepare_experiment(args: argparse.Namespace) -> Experiment:
             args.experiment, snapshot,
         )
     return saved
+
+
+# Locks held until the driver exits; the operating system releases them when it dies.
+_HELD_LOCKS: list[FileLock] = []
+
+
+def lock_experiment(experiment: Experiment) -> None:
+    """Hold a lock on the experiment folder, so that a second driver cannot run the same search.
+
+    NOTE: only local and shared-file-system paths are locked; an s3:// experiment has no lock.
+    """
+    if is_uri(str(experiment.storage_path)):
+        return
+    lock_file = Path(experiment.storage_path) / f".{experiment.name}.lock"
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(lock_file)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ExperimentError(
+            f"another search is running in {experiment.path} (lock {lock_file}); wait for it to end, "
+            "or stop it and then continue with --resume"
+        ) from None
+    _HELD_LOCKS.append(lock)
 
 
 def _comparable(experiment: Experiment) -> dict:

@@ -250,3 +250,21 @@ def test_second_start_in_same_folder_is_an_error(ray_address, slice_dir, tmp_pat
 
     assert code == 2
     assert "--resume" in capsys.readouterr().err
+
+
+def test_running_search_blocks_second_driver(slice_dir, tmp_path, capsys):
+    from filelock import FileLock
+
+    from search.run import main
+
+    experiment = smoke_variant(tmp_path, "locked", axes={"aggregator": {"grid": ["meanpool"]}},
+                               scheduler={"grace_period": 1, "reduction_factor": 3, "max_epochs": 1})
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    # A lock held by this process stands for a driver that is still running.
+    with FileLock(storage / ".locked.lock"):
+        for extra in ([], ["--resume"]):
+            code = main(["--experiment", str(experiment), "--data", str(slice_dir),
+                         "--storage-path", str(storage), *extra])
+            assert code == 2
+            assert "another search is running" in capsys.readouterr().err
