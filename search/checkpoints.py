@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -96,18 +97,43 @@ def prune_checkpoints(
     return deleted
 
 
-class CheckpointPruner(tune.Callback):
-    """Keeps each ended trial's `keep` best checkpoints by `metric` and its latest one."""
+# Seconds between a trial's end and the pruning of its checkpoints. Ray saves the experiment
+# state periodically; a driver killed before that save still lists the ended trial as running
+# with an older latest checkpoint, and --resume must find that checkpoint on storage.
+PRUNE_DELAY_S = 30.0
 
-    def __init__(self, keep: int, metric: str) -> None:
+
+class CheckpointPruner(tune.Callback):
+    """Keeps each ended trial's `keep` best checkpoints by `metric` and its latest one.
+
+    A trial is pruned PRUNE_DELAY_S after it ends, once the experiment state has recorded
+    its end; trials still pending when the search ends are pruned then (or, after a killed
+    driver, by the resumed search's final `prune_all_trials`).
+    """
+
+    def __init__(self, keep: int, metric: str, delay_s: float = PRUNE_DELAY_S) -> None:
         self.keep = keep
         self.metric = metric
+        self.delay_s = delay_s
+        self.pending: list[tuple[float, Any]] = []  # (end time, trial)
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
-        latest = trial.checkpoint.path if trial.checkpoint is not None else None
-        trial_dir = location_on(trial.storage.storage_filesystem, trial.path)
-        deleted = prune_checkpoints(trial_dir, latest, self.keep, self.metric)
-        logger.debug("trial %s: deleted %d checkpoints", trial.trial_id, len(deleted))
+        self.pending.append((time.monotonic(), trial))
+
+    def on_step_begin(self, iteration: int, trials: list, **info) -> None:
+        self._prune(older_than=time.monotonic() - self.delay_s)
+
+    def on_experiment_end(self, trials: list, **info) -> None:
+        self._prune(older_than=math.inf)
+
+    def _prune(self, older_than: float) -> None:
+        due = [trial for ended, trial in self.pending if ended <= older_than]
+        self.pending = [(ended, trial) for ended, trial in self.pending if ended > older_than]
+        for trial in due:
+            latest = trial.checkpoint.path if trial.checkpoint is not None else None
+            trial_dir = location_on(trial.storage.storage_filesystem, trial.path)
+            deleted = prune_checkpoints(trial_dir, latest, self.keep, self.metric)
+            logger.debug("trial %s: deleted %d checkpoints", trial.trial_id, len(deleted))
 
 
 def prune_all_trials(result_grid: tune.ResultGrid, keep: int, metric: str) -> None:
