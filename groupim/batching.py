@@ -175,7 +175,7 @@ class GroupBatcher:
             yield self.batch(order[start : start + batch_size], rng)
 
     def batch(self, groups: np.ndarray, rng: np.random.Generator | None = None) -> GroupBatch:
-        """The batch of the given group rows; negatives are drawn when a sampler is set."""
+        """Build the batch of the given group rows, drawing negatives when a sampler is set."""
         members = self.group_members[groups]  # [B, U]
         n_groups = len(groups)
         group_size = np.diff(members.indptr)  # [B]

@@ -25,7 +25,7 @@ SPLITS = ("val", "test")
 
 
 def group_metrics(model, data: GroupIMData, config: TrainConfig, split: str) -> dict[str, float]:
-    """The reported metrics (METRICS) of `model` on the validation or test groups."""
+    """Compute the reported metrics (METRICS) of `model` on the validation or test groups."""
     groups = data.val_groups if split == "val" else data.test_groups
     result = evaluate_groups(model, groups.group_members, groups.group_items, data.member_items, config.member_norm)
     return {name: result[name] for name in METRICS}
@@ -62,17 +62,23 @@ def command_train(args: argparse.Namespace) -> int:
 
 
 def command_evaluate(args: argparse.Namespace) -> int:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, config, checkpoint_payload = load_checkpoint(args.checkpoint, device)
-    data = load_dataset(args.data)
-    if data.n_items != model.n_items:
-        raise DataError(
-            f"{args.checkpoint} was trained on {model.n_items} items but {data.source} has {data.n_items}; "
-            "evaluate it on the dataset it was trained on"
-        )
-    warn_other_data(args.checkpoint, checkpoint_payload, data)
+    model, config, data = load_model_and_data(args.checkpoint, args.data)
     print(json.dumps(group_metrics(model, data, config, args.split), indent=2))
     return 0
+
+
+def load_model_and_data(checkpoint: str, data_dir: str | None):
+    """Load a checkpoint and the dataset it is used with, checking that they fit together."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, config, payload = load_checkpoint(checkpoint, device)
+    data = load_dataset(data_dir)
+    if data.n_items != model.n_items:
+        raise DataError(
+            f"{checkpoint} was trained on {model.n_items} items but {data.source} has {data.n_items}; "
+            "pass the dataset it was trained on with --data"
+        )
+    warn_other_data(checkpoint, payload, data)
+    return model, config, data
 
 
 def warn_other_data(checkpoint: str, payload: dict, data: GroupIMData) -> None:
@@ -99,14 +105,7 @@ def command_recommend(args: argparse.Namespace) -> int:
     if args.model:
         items, scores = recommend_registered(args.model, users, args.k)
     else:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        model, config, _ = load_checkpoint(args.checkpoint, device)
-        data = load_dataset(args.data)
-        if data.n_items != model.n_items:
-            raise DataError(
-                f"{args.checkpoint} was trained on {model.n_items} items but {data.source} has {data.n_items}; "
-                "pass the dataset it was trained on with --data"
-            )
+        model, config, data = load_model_and_data(args.checkpoint, args.data)
         result = recommend(model, data.member_items, [users], args.k, config.member_norm)[0]
         items, scores = result.items, result.scores
 

@@ -21,10 +21,10 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Every setting of GroupIM training; defaults follow the reference notebook.
+    """Every setting of GroupIM training; defaults follow the GroupIM-on-Weeplaces notebook.
 
-    The four switches at the end choose between the paper's intent (default) and the
-    reference notebook's behaviour, so that the notebook can be reproduced.
+    The four switches at the end choose between the GroupIM paper's intent (default) and
+    that notebook's code, so that the notebook's runs can be reproduced.
     """
 
     # Group training (phase 3).

@@ -490,7 +490,7 @@ def _binary_csr(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -> s
     return matrix
 
 
-# The model holds an embedding row for every id up to the largest, so ids must be
+# The model has an embedding row for every id up to the largest, so ids must be
 # numbered densely: a stray huge id would allocate gigabytes of unused rows.
 _MAX_ID_GAP_FACTOR = 2
 _MAX_ID_GAP_SLACK = 1000

@@ -16,7 +16,7 @@ from groupim.model import Bags, GroupBatch, GroupIM
 
 
 def dense_rows(bags: Bags, n_items: int) -> torch.Tensor:
-    """The binary [rows, I] matrix behind a bag batch."""
+    """Rebuild the binary [rows, I] matrix behind a bag batch."""
     dense = torch.zeros(bags.n_rows, n_items, dtype=bags.values.dtype, device=bags.items.device)
     dense[bags.owner, bags.items] = 1.0
     return dense

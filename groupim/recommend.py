@@ -33,7 +33,7 @@ def recommend(
 ) -> list[Recommendation]:
     """Rank all items for each group and return the K best with their scores.
 
-    `member_items` [U, I] holds the users' training and fold-in histories, as in training.
+    `member_items` [U, I] contains the users' training and fold-in histories, as in training.
     Raises UnknownUserError for ids outside 0..U-1 and ValueError for an empty group or a K
     outside 1..I.
     """

@@ -82,7 +82,7 @@ class GroupState:
 
 @dataclass
 class FitResult:
-    model: GroupIM  # holds the best group-training state
+    model: GroupIM  # the model with the best group-training state
     user_pretraining: dict[str, Any]
     mi_pretraining: dict[str, Any]
     group: GroupState
@@ -101,14 +101,14 @@ def resolve_device(config: TrainConfig) -> torch.device:
 
 
 def build_model(config: TrainConfig, n_items: int) -> GroupIM:
-    """A freshly initialised model; the seed fixes the initial weights."""
+    """Build a freshly initialised model; the seed fixes the initial weights."""
     torch.manual_seed(config.seed)
     model = GroupIM(n_items, config.embedding_size, config.aggregator, config.dropout)
     return model.to(resolve_device(config))
 
 
 def is_eval_epoch(epoch_index: int, total_epochs: int, config: TrainConfig) -> bool:
-    """Whether the epoch with 0-based `epoch_index` ends with an evaluation.
+    """Return whether the epoch with 0-based `epoch_index` ends with an evaluation.
 
     Default: every `eval_freq` completed epochs and always the final one. With
     eval_final_epoch=False, the reference notebook's rule `epoch_index % eval_freq == 0`,

@@ -98,8 +98,8 @@ def prune_checkpoints(
 
 
 # Seconds between a trial's end and the pruning of its checkpoints. Ray saves the experiment
-# state periodically; a driver killed before that save still lists the ended trial as running
-# with an older latest checkpoint, and --resume must find that checkpoint on storage.
+# state periodically. A driver killed before that save still lists the ended trial as running
+# with an older latest checkpoint, so --resume must find that checkpoint on storage.
 PRUNE_DELAY_S = 30.0
 
 
@@ -107,8 +107,8 @@ class CheckpointPruner(tune.Callback):
     """Keeps each ended trial's `keep` best checkpoints by `metric` and its latest one.
 
     A trial is pruned PRUNE_DELAY_S after it ends, once the experiment state has recorded
-    its end; trials still pending when the search ends are pruned then (or, after a killed
-    driver, by the resumed search's final `prune_all_trials`).
+    its end. Trials still pending when the search ends are pruned then, or after a killed
+    driver by the resumed search's final `prune_all_trials`.
     """
 
     def __init__(self, keep: int, metric: str, delay_s: float = PRUNE_DELAY_S) -> None:

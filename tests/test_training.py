@@ -103,7 +103,7 @@ def test_resumed_group_training_matches_uninterrupted(data):
     assert resumed.best_metrics == uninterrupted.best_metrics
 
 
-def test_user_pretraining_keeps_best_epoch_and_seeds_group_predictor(data):
+def test_user_pretraining_keeps_best_epoch(data):
     config = small_config(pretrain_user_epochs=3, eval_freq=1)
     model = build_model(config, data.n_items)
     result = pretrain_user(model, data, config, progress=False)
