@@ -32,11 +32,20 @@ START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
 
 
+# Ports handed out in this process. A port released by free_port() may be handed out again
+# before the Ray process it was chosen for binds it, so each port is given out only once.
+_GIVEN_PORTS: set[int] = set()
+
+
 def free_port() -> int:
-    """Return a TCP port that was free on 127.0.0.1 a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """Return a TCP port that was free on 127.0.0.1 a moment ago and not returned before."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in _GIVEN_PORTS:
+            _GIVEN_PORTS.add(port)
+            return port
 
 
 @dataclass
