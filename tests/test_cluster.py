@@ -36,7 +36,6 @@ from search.results import TRIALS_CSV
 from search.storage import storage_location
 from search.tracking import new_client
 from search.tuner import trainable
-from test_mlflow_server import MlflowServer
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = REPO / "cluster.yaml"
@@ -270,14 +269,6 @@ def s3_server():
         return
     with s3_environment() as env:
         yield env
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,7 @@ import mlflow
 import pandas as pd
 import pytest
 
-from groupim.config import TrainConfig
-from groupim.data import load_dataset
 from groupim.recommend import UnknownUserError, recommend
-from groupim.train import fit
 from search.registry import CHAMPION_ALIAS, log_champion, registered_model_name
 from search.tracking import (
     DEFAULT_TRACKING_URI,
@@ -221,16 +218,6 @@ def test_resumed_search_continues_parent_run(target, tmp_path):
 
     assert resumed.parent_run_id == target.parent_run_id
     assert new_client(target.tracking_uri).get_run(target.parent_run_id).info.status == "RUNNING"
-
-
-@pytest.fixture(scope="module")
-def trained(weeplaces_slice):
-    data = load_dataset(weeplaces_slice)
-    config = TrainConfig(
-        embedding_size=16, batch_size=64, pretrain_user_epochs=1, pretrain_mi_epochs=1, epochs=2, eval_freq=1,
-        num_threads=1,
-    )
-    return data, config, fit(config, data, progress=False)
 
 
 def test_champion_registered_and_recommends(target, trained, monkeypatch):

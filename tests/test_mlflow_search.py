@@ -9,12 +9,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import ray
 import yaml
 
-from groupim.data import write_slice
 from search.registry import CHAMPION_ALIAS, registered_model_name
-from search.run import main, ray_runtime_env
+from search.run import main
 from search.tracking import PARENT_RUN_FILE, TAG_TRIAL_ID, new_client
 
 pytestmark = pytest.mark.slow
@@ -23,18 +21,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SMOKE_YAML = REPO_ROOT / "experiments" / "smoke.yaml"
 EPOCHS = 40  # a trial takes a few seconds on the slice, so one is still training when the driver dies
 EVAL_EPOCHS = list(range(5, EPOCHS + 1, 5))
-
-
-@pytest.fixture(scope="module")
-def ray_address():
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env=ray_runtime_env())
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def slice_dir(weeplaces_dir, tmp_path_factory):
-    return write_slice(weeplaces_dir, tmp_path_factory.mktemp("data") / "weeplaces", (200, 60, 60))
 
 
 def write_experiment(folder: Path) -> Path:

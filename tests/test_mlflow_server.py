@@ -4,103 +4,30 @@ The server runs as a subprocess on a free port with a SQLite backend and proxied
 in tmp_path. Starting it takes 10 to 20 s, so the module shares one server.
 """
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import mlflow
 import pytest
 
-from groupim.config import TrainConfig
-from groupim.data import load_dataset
-from groupim.train import fit
 from search.registry import CHAMPION_ALIAS, log_best_trial, log_champion, registered_model_name
 from search.tracking import TAG_EARLY_STOPPED, TrialOutcome, new_client, reconcile_trial_runs, start_search_run
 from search.trial_logger import TrialRunLogger
 
 pytestmark = pytest.mark.slow
 
-STARTUP_TIMEOUT_S = 90
 STEP_METRIC = "val/ndcg@100"
 CONFIG = {"aggregator": "meanpool", "embedding_size": 32, "lambda_mi": 0.25}
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class MlflowServer:
-    """`mlflow server` on 127.0.0.1:port that can be stopped and started again on the same store."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.port = free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        command = [
-            sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-            "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}",
-            "--artifacts-destination", str(self.folder / "mlartifacts"),
-        ]
-        log = (self.folder / "server.log").open("a")
-        # A session of its own, so that stop() ends the server and its worker processes together.
-        self.process = subprocess.Popen(command, cwd=self.folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while not self.answers():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                pytest.fail(f"mlflow server did not start on port {self.port}; see {self.folder / 'server.log'}")
-            time.sleep(0.3)
-
-    def answers(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
-                return response.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
-
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
-    server.start()
-    yield server
-    server.stop()
+def server(mlflow_server):
+    return mlflow_server
 
 
 @pytest.fixture
 def target(server, tmp_path, request):
     return start_search_run(server.uri, request.node.name, tmp_path / "experiment", resume=False, tags={"data_checksum": "abc"})
-
-
-@pytest.fixture(scope="module")
-def trained(weeplaces_slice):
-    data = load_dataset(weeplaces_slice)
-    config = TrainConfig(
-        embedding_size=16, batch_size=64, pretrain_user_epochs=1, pretrain_mi_epochs=1, epochs=2, eval_freq=1,
-        num_threads=1,
-    )
-    return data, config, fit(config, data, progress=False)
 
 
 def result(epoch: int) -> dict:

@@ -12,8 +12,7 @@ import pytest
 import ray
 import yaml
 
-from groupim.data import write_slice
-from search.run import main, ray_runtime_env
+from search.run import main
 from search.checkpoints import load_checkpoint_model
 from search.trainable import ATTEMPTS_FOLDER, PRETRAINING_FOLDER
 
@@ -21,20 +20,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SMOKE_YAML = REPO_ROOT / "experiments" / "smoke.yaml"
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def ray_address():
-    """A local Ray runtime with the 2 CPUs of the machine; its GCS address lets a driver join."""
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env=ray_runtime_env())
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def slice_dir(weeplaces_dir, tmp_path_factory):
-    """200 training and 60 validation and test groups: a trial trains an epoch in under a second."""
-    return write_slice(weeplaces_dir, tmp_path_factory.mktemp("data") / "weeplaces", (200, 60, 60))
 
 
 def smoke_variant(folder: Path, name: str, train=None, axes=None, scheduler=None) -> Path:
