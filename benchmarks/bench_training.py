@@ -2,6 +2,7 @@
 
 Usage:
     python benchmarks/bench_training.py --data ../shared/data/weeplaces [--epochs 3] [--dense-batches 4]
+        [--loss-precision fp32|bf16] [--embedding-size 64] [--threads N]
 
 It prints a JSON record and, with --results FILE, appends it to that JSON-lines file.
 Each phase runs `--epochs` epochs; the median epoch time is reported. Peak resident
@@ -25,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from groupim.config import TrainConfig  # noqa: E402
+from groupim.config import LOSS_PRECISIONS, TrainConfig  # noqa: E402
 from groupim.data import load_dataset  # noqa: E402
 from groupim.dense import dense_group_loss  # noqa: E402
 from groupim.train import build_model, pretrain_mi, pretrain_user, train_batcher, train_group  # noqa: E402
@@ -76,21 +77,33 @@ def main() -> None:
     parser.add_argument("--data", default=None, help="dataset folder (default: download Weeplaces)")
     parser.add_argument("--epochs", type=int, default=3, help="epochs timed per phase")
     parser.add_argument("--dense-batches", type=int, default=4, help="batches timed through both formulations")
+    parser.add_argument("--loss-precision", choices=LOSS_PRECISIONS, default="fp32", help="input type of the loss products")
+    parser.add_argument("--embedding-size", type=int, default=TrainConfig.embedding_size, help="embedding size D")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own, one per core)")
     parser.add_argument("--results", help="append the JSON record to this JSON-lines file")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     start = time.perf_counter()
     data = load_dataset(args.data)
     load_s = time.perf_counter() - start
     # Evaluate only after the last timed epoch, so the epoch times hold training alone.
     config = TrainConfig(
-        pretrain_user_epochs=args.epochs, pretrain_mi_epochs=args.epochs, epochs=args.epochs, eval_freq=args.epochs
+        pretrain_user_epochs=args.epochs,
+        pretrain_mi_epochs=args.epochs,
+        epochs=args.epochs,
+        eval_freq=args.epochs,
+        embedding_size=args.embedding_size,
+        loss_precision=args.loss_precision,
     )
     record = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
         f", {torch.get_num_threads()} threads",
         "date": time.strftime("%Y-%m-%d"),
+        "embedding_size": config.embedding_size,
+        "loss_precision": config.loss_precision,
         "dataset_load_s": load_s,
         **time_phases(data, config),
         "peak_rss_mb": peak_rss_mb(),

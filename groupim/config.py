@@ -13,6 +13,7 @@ import yaml
 AGGREGATORS = ("maxpool", "meanpool", "attention")
 MEMBER_NORMS = ("member", "group")
 DEVICES = ("auto", "cpu", "cuda")
+LOSS_PRECISIONS = ("fp32", "bf16")
 
 
 class ConfigError(ValueError):
@@ -59,11 +60,15 @@ class TrainConfig:
     # Execution.
     device: str = "auto"  # auto (CUDA when available), cpu or cuda
     num_threads: int | None = None  # torch CPU threads; None leaves torch's default
+    # Input type of the all-item products in the training losses: fp32, or bf16 (bfloat16
+    # inputs, float32 softmax and weights), faster on CPUs with AVX512-BF16 or AMX and on GPUs.
+    loss_precision: str = "fp32"
 
     def __post_init__(self) -> None:
         _check_choice("aggregator", self.aggregator, AGGREGATORS)
         _check_choice("member_norm", self.member_norm, MEMBER_NORMS)
         _check_choice("device", self.device, DEVICES)
+        _check_choice("loss_precision", self.loss_precision, LOSS_PRECISIONS)
         for name in ("lr", "pretrain_user_lr"):
             _check_positive(name, getattr(self, name))
         for name in ("batch_size", "epochs", "eval_freq", "embedding_size", "negatives_per_group"):

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from groupim.config import AGGREGATORS
+from groupim.config import AGGREGATORS, LOSS_PRECISIONS
 
 
 @dataclass
@@ -154,16 +154,30 @@ class Discriminator(nn.Module):
 
 
 class GroupIM(nn.Module):
-    """User encoder, aggregator, group predictor and discriminator."""
+    """User encoder, aggregator, group predictor and discriminator.
 
-    def __init__(self, n_items: int, embedding_size: int, aggregator: str, dropout: float) -> None:
+    `loss_precision` is the input type of the all-item products in the training losses:
+    "fp32", or "bf16" (bfloat16 inputs; float32 softmax, gradients' sums and weights).
+    Scoring for evaluation and recommendation is always float32.
+    """
+
+    def __init__(
+        self, n_items: int, embedding_size: int, aggregator: str, dropout: float, loss_precision: str = "fp32"
+    ) -> None:
         super().__init__()
+        if loss_precision not in LOSS_PRECISIONS:
+            raise ValueError(f"invalid loss_precision {loss_precision!r}; expected one of {', '.join(LOSS_PRECISIONS)}")
         self.n_items = n_items
+        self.loss_precision = loss_precision
         self.encoder = UserEncoder(n_items, embedding_size, dropout)
         self.aggregator = Aggregator(aggregator, embedding_size)
         self.group_predictor = nn.Parameter(torch.empty(n_items, embedding_size))  # [I, D]
         self.discriminator = Discriminator(embedding_size)
         nn.init.xavier_uniform_(self.group_predictor)
+
+    @property
+    def low_precision(self) -> torch.dtype | None:
+        return torch.bfloat16 if self.loss_precision == "bf16" else None
 
     def member_embeddings(self, batch: GroupBatch) -> torch.Tensor:
         return self.encoder(batch.members)  # [M, D]
@@ -191,7 +205,7 @@ class GroupIM(nn.Module):
         """Multinomial log-likelihood of each user's own items under the user predictor."""
         hidden = self.encoder.hidden(bags)  # [B, D]
         return sparse_softmax_cross_entropy(
-            hidden, self.encoder.user_predictor, bags.owner, bags.items, torch.ones_like(bags.values)
+            hidden, self.encoder.user_predictor, bags.owner, bags.items, torch.ones_like(bags.values), self.low_precision
         )
 
     def mi_pretraining_loss(self, batch: GroupBatch) -> torch.Tensor:
@@ -253,7 +267,9 @@ class GroupIM(nn.Module):
         rows = torch.cat([batch.target_rows, batch.member_group[batch.members.owner]])
         items = torch.cat([batch.target_items, batch.members.items])
         values = torch.cat([batch.target_values, ug_values])
-        recon = sparse_softmax_cross_entropy(group_embeds, self.group_predictor, rows, items, values)
+        recon = sparse_softmax_cross_entropy(
+            group_embeds, self.group_predictor, rows, items, values, self.low_precision
+        )
 
         stats = {"loss_recon": recon.item(), "loss_mi": mi.item()}
         return recon + mi, stats
@@ -314,30 +330,44 @@ class _LogitsBuffer:
 
 
 _LOGITS_BUFFER = _LogitsBuffer()
+_LOW_PRECISION_BUFFER = _LogitsBuffer()  # bfloat16 products of `low_precision` losses
 
 
 class _SparseSoftmaxCrossEntropy(torch.autograd.Function):
     """mean_b sum_i -t[b, i] * log_softmax(E W^T)[b, i] with a sparse target t.
 
     The [B, I] logits become exp(logits - row max) in place and stay for backward, which
-    turns them in place into the gradient of the logits, softmax * sum_i t[b, i] - t,
-    scaled by 1/B. So backward runs once per forward: retain_graph=True cannot repeat it.
+    turns them into the gradient of the logits, softmax * sum_i t[b, i] - t, scaled by
+    1/B. So backward runs once per forward: retain_graph=True cannot repeat it.
+
+    With `low_precision` (bfloat16), the three [B, I] products (logits, and the gradients
+    of E and W) take bfloat16 inputs and accumulate in float32 inside the kernel; the
+    softmax, the loss and the returned gradients are float32. This is faster on CPUs with
+    AVX512-BF16 or AMX and on GPUs; benchmarks/RESULTS.md has the measured epoch times.
     """
 
     @staticmethod
-    def forward(ctx, embeds, item_weight, rows, items, values):
-        buffer = _LOGITS_BUFFER.borrow(embeds.shape[0], item_weight.shape[0], embeds)
-        logits = torch.mm(embeds, item_weight.T, out=buffer)  # [B, I]
+    def forward(ctx, embeds, item_weight, rows, items, values, low_precision):
+        n_rows, n_items = embeds.shape[0], item_weight.shape[0]
+        logits = _LOGITS_BUFFER.borrow(n_rows, n_items, embeds)  # [B, I]
+        if low_precision is None:
+            torch.mm(embeds, item_weight.T, out=logits)
+            saved_embeds, saved_weight = embeds, item_weight
+        else:
+            saved_embeds, saved_weight = embeds.to(low_precision), item_weight.to(low_precision)
+            product = _LOW_PRECISION_BUFFER.borrow(n_rows, n_items, saved_embeds)
+            logits.copy_(torch.mm(saved_embeds, saved_weight.T, out=product))
+            _LOW_PRECISION_BUFFER.give_back(product)
         picked = logits[rows, items]  # [T]
         row_max = logits.amax(dim=1)  # [B]
         unnormalised = logits.sub_(row_max.unsqueeze(1)).exp_()  # [B, I], reuses the logits' memory
         row_sum = unnormalised.sum(dim=1)  # [B]
         log_norm = row_max + row_sum.log()  # [B], logsumexp of each row
-        n_rows = embeds.shape[0]
         loss = (values * (log_norm[rows] - picked)).sum() / n_rows
 
-        ctx.save_for_backward(embeds, item_weight, unnormalised, row_sum, rows, items, values)
+        ctx.save_for_backward(saved_embeds, saved_weight, unnormalised, row_sum, rows, items, values)
         ctx.used = False
+        ctx.out_dtype = embeds.dtype
         return loss
 
     @staticmethod
@@ -348,14 +378,17 @@ class _SparseSoftmaxCrossEntropy(torch.autograd.Function):
         embeds, item_weight, unnormalised, row_sum, rows, items, values = ctx.saved_tensors
         scale = grad_loss / embeds.shape[0]
         target_mass = torch.zeros_like(row_sum).index_add_(0, rows, values)  # [B]
-
         # softmax * target mass, the softmax's division folded into the row factor.
-        grad_logits = unnormalised.mul_((target_mass * scale / row_sum).unsqueeze(1))  # [B, I]
-        grad_logits.index_put_((rows, items), -values * scale, accumulate=True)
-        grad_embeds = grad_logits @ item_weight  # [B, D]
-        grad_weight = grad_logits.T @ embeds  # [I, D]
+        row_factor = (target_mass * scale / row_sum).unsqueeze(1)  # [B, 1]
+        grad_logits = unnormalised.mul_(row_factor)  # [B, I]
+        if embeds.dtype != ctx.out_dtype:
+            grad_logits = _LOW_PRECISION_BUFFER.borrow(*unnormalised.shape, embeds).copy_(grad_logits)
+        grad_logits.index_put_((rows, items), (-values * scale).to(grad_logits.dtype), accumulate=True)
+        grad_embeds = (grad_logits @ item_weight).to(ctx.out_dtype)  # [B, D]
+        grad_weight = (grad_logits.T @ embeds).to(ctx.out_dtype)  # [I, D]
         _LOGITS_BUFFER.give_back(unnormalised)
-        return grad_embeds, grad_weight, None, None, None
+        _LOW_PRECISION_BUFFER.give_back(grad_logits)
+        return grad_embeds, grad_weight, None, None, None, None
 
 
 def sparse_softmax_cross_entropy(
@@ -364,9 +397,12 @@ def sparse_softmax_cross_entropy(
     rows: torch.Tensor,
     items: torch.Tensor,
     values: torch.Tensor,
+    low_precision: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Multinomial loss of logits embeds [B, D] @ item_weight[I, D]^T against a sparse target.
 
     The target is given as (rows, items, values) triples; repeated pairs add up.
+    `low_precision` (torch.bfloat16 or None) is the input type of the [B, I] products.
     """
-    return _SparseSoftmaxCrossEntropy.apply(embeds, item_weight, rows, items, values.to(embeds.dtype))
+    values = values.to(embeds.dtype)
+    return _SparseSoftmaxCrossEntropy.apply(embeds, item_weight, rows, items, values, low_precision)

@@ -103,8 +103,13 @@ def resolve_device(config: TrainConfig) -> torch.device:
 def build_model(config: TrainConfig, n_items: int) -> GroupIM:
     """Build a freshly initialised model; the seed fixes the initial weights."""
     torch.manual_seed(config.seed)
-    model = GroupIM(n_items, config.embedding_size, config.aggregator, config.dropout)
+    model = GroupIM(n_items, config.embedding_size, config.aggregator, config.dropout, config.loss_precision)
     return model.to(resolve_device(config))
+
+
+def make_optimizer(model: GroupIM, lr: float, config: TrainConfig) -> torch.optim.Adam:
+    """Adam over all parameters, with the fused kernel: one pass over each [I, D] weight per step."""
+    return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=config.weight_decay, fused=True)
 
 
 def is_eval_epoch(epoch_index: int, total_epochs: int, config: TrainConfig) -> bool:
@@ -145,7 +150,7 @@ def pretrain_user(model: GroupIM, data: "GroupIMData", config: TrainConfig, prog
     Afterwards the group predictor starts from the learned item embeddings.
     """
     device = next(model.parameters()).device
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.pretrain_user_lr, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(model, config.pretrain_user_lr, config)
     user_items = data.train_user_items  # [training users, I]
     val = data.val_users
     best_metric, best_state, best_epoch, history = -math.inf, None, 0, []
@@ -186,7 +191,7 @@ def pretrain_user(model: GroupIM, data: "GroupIMData", config: TrainConfig, prog
 def pretrain_mi(model: GroupIM, data: "GroupIMData", config: TrainConfig, progress: bool = True) -> dict[str, Any]:
     """Phase 2: train the discriminator on members (positives) against sampled negatives."""
     device = next(model.parameters()).device
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(model, config.lr, config)
     batcher = train_batcher(data, config)
     history = []
     for epoch in tqdm(range(config.pretrain_mi_epochs), desc="MI pre-training", disable=not progress):
@@ -223,7 +228,7 @@ def train_group(
     state seen.
     """
     device = next(model.parameters()).device
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(model, config.lr, config)
     state = GroupState()
     start_epoch = 0
     if resume is not None:

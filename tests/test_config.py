@@ -38,6 +38,7 @@ def test_overrides_parse_as_yaml():
         ("batch_size=0", "batch_size"),
         ("embedding_size=6.5", "embedding_size"),
         ("shuffle=maybe", "shuffle"),
+        ("loss_precision=fp16", "loss_precision"),
         ("lr=fast", "lr"),
         ("epochs=-1", "epochs"),
         ("lambda_mi", "lambda_mi"),

@@ -125,6 +125,54 @@ def test_sparse_cross_entropy_matches_log_softmax():
     assert torch.allclose(grads[1], expected_grads[1])
 
 
+def test_bf16_cross_entropy_equals_float_on_rounded_inputs():
+    # bf16 rounds the inputs of the products, and the softmax and the sums stay float32.
+    # So the loss is the exact loss of the rounded inputs, up to the rounding of the products.
+    torch.manual_seed(2)
+    embeds = torch.randn(5, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    rows = torch.tensor([0, 0, 1, 2, 3, 4, 4])
+    items = torch.tensor([3, 3, 7, 0, 49, 10, 11])
+    values = torch.tensor([0.5, 0.25, 1.0, 0.3, 0.7, 2.0, 0.1])
+
+    loss = sparse_softmax_cross_entropy(embeds, weight, rows, items, values, torch.bfloat16)
+    grads = torch.autograd.grad(loss, (embeds, weight))
+    rounded_embeds = embeds.detach().bfloat16().double().requires_grad_()
+    rounded_weight = weight.detach().bfloat16().double().requires_grad_()
+    target = torch.zeros(5, 50, dtype=torch.double).index_put_((rows, items), values.double(), accumulate=True)
+    expected = -(torch.log_softmax(rounded_embeds @ rounded_weight.T, dim=1) * target).sum(dim=1).mean()
+    expected_grads = torch.autograd.grad(expected, (rounded_embeds, rounded_weight))
+
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-2)
+    for grad, expected_grad in zip(grads, expected_grads):
+        assert grad.dtype == torch.float32
+        error = (grad.double() - expected_grad).norm() / expected_grad.norm()
+        assert error < 2e-2
+    # The bf16 path really ran: the float32 loss of the unrounded inputs differs.
+    assert loss.item() != sparse_softmax_cross_entropy(embeds, weight, rows, items, values).item()
+
+
+def test_bf16_training_loss_is_close_to_fp32(tiny):
+    member_items, members, group_items = tiny
+    batch = GroupBatcher(members, group_items, member_items, "member", NegativeSampler(member_items, 3)).batch(
+        np.arange(N_GROUPS), np.random.default_rng(0)
+    )
+    torch.manual_seed(0)
+    full = GroupIM(N_ITEMS, 8, "attention", 0.0)
+    low = GroupIM(N_ITEMS, 8, "attention", 0.0, loss_precision="bf16")
+    low.load_state_dict(full.state_dict())
+    full_loss, _ = full.group_loss(batch, 0.7)
+    low_loss, _ = low.group_loss(batch, 0.7)
+    full_loss.backward()
+    low_loss.backward()
+    assert low_loss.item() == pytest.approx(full_loss.item(), rel=1e-2)
+    grad_error = (low.group_predictor.grad - full.group_predictor.grad).norm() / full.group_predictor.grad.norm()
+    assert grad_error < 3e-2
+    with pytest.raises(ValueError, match="loss_precision"):
+        GroupIM(N_ITEMS, 8, "attention", 0.0, loss_precision="fp16")
+
+
 def test_sparse_cross_entropy_rejects_second_backward():
     embeds = torch.randn(2, 3, requires_grad=True)
     weight = torch.randn(4, 3, requires_grad=True)
@@ -149,6 +197,21 @@ def test_sparse_cross_entropy_two_forwards_before_backward():
     assert torch.allclose(grad_first, torch.autograd.grad(reference, embeds)[0])
     assert second.item() != first.item()
     assert grad_second.shape == grad_first.shape
+
+
+def test_bf16_cross_entropy_two_forwards_before_backward():
+    # Both buffers are lent while the first loss waits for its backward.
+    torch.manual_seed(3)
+    embeds = torch.randn(2, 8, requires_grad=True)
+    weight = torch.randn(30, 8, requires_grad=True)
+    rows, items, values = torch.tensor([0, 1]), torch.tensor([2, 29]), torch.ones(2)
+    first = sparse_softmax_cross_entropy(embeds, weight, rows, items, values, torch.bfloat16)
+    second = sparse_softmax_cross_entropy(embeds * 2, weight, rows, items, values, torch.bfloat16)
+    (grad_first,) = torch.autograd.grad(first, embeds)
+    (grad_second,) = torch.autograd.grad(second, embeds)
+    (alone,) = torch.autograd.grad(sparse_softmax_cross_entropy(embeds, weight, rows, items, values, torch.bfloat16), embeds)
+    assert torch.equal(grad_first, alone)
+    assert not torch.equal(grad_second, grad_first)
 
 
 def test_dense_rows_round_trip(tiny):

@@ -54,9 +54,10 @@ def test_weeplaces_takes_other_settings_from_default_yaml():
     defaults = yaml.safe_load(DEFAULT_YAML.read_text())
 
     for name, value in defaults.items():
-        if name not in ("epochs", "num_threads"):
+        if name not in ("epochs", "num_threads", "loss_precision"):
             assert getattr(experiment.train, name) == value, name
     assert experiment.train.num_threads == experiment.resources.torch_threads
+    assert experiment.train.loss_precision == "bf16"
 
 
 def test_tpe_file_samples_lr_and_dropout():

@@ -50,8 +50,9 @@ def test_eval_schedule_notebook_skips_final_epochs():
     assert [e + 1 for e in range(12) if is_eval_epoch(e, 12, config)] == [1, 6, 11]
 
 
-def test_training_beats_untrained_model(data):
-    config = small_config()
+@pytest.mark.parametrize("loss_precision", ["fp32", "bf16"])
+def test_training_beats_untrained_model(data, loss_precision):
+    config = small_config(loss_precision=loss_precision)
     untrained = validation_group_metrics(build_model(config, data.n_items), data, config)
     result = fit(config, data, progress=False)
     trained = result.group.best_metrics
