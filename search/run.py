@@ -96,6 +96,9 @@ def run(argv: list[str] | None = None) -> int:
     """Run or resume the search of the command line and return the exit code."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # tensorboardX logs an INFO line for each metric name with "@" in every result of every
+    # trial, which would bury Ray's progress table.
+    logging.getLogger("tensorboardX").setLevel(logging.WARNING)
     try:
         experiment = prepare_experiment(args)
         data = load_dataset(experiment.data)
