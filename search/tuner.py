@@ -7,10 +7,10 @@ import random
 from typing import Any
 
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 
+from search.asha import ResumableASHA
 from search.checkpoints import CheckpointPruner
 from search.experiment import Axis, Experiment
 from search.mlflow_search import TrialRunStatus
@@ -64,10 +64,10 @@ def grid_points(experiment: Experiment) -> list[dict[str, Any]]:
     return points
 
 
-def scheduler(experiment: Experiment) -> ASHAScheduler:
+def scheduler(experiment: Experiment) -> ResumableASHA:
     """ASHA on validation NDCG@100 in group-training epochs; metric and mode come from TuneConfig."""
     settings = experiment.scheduler
-    return ASHAScheduler(
+    return ResumableASHA(
         time_attr=TIME_ATTR,
         max_t=settings.max_epochs,
         grace_period=settings.grace_period,
