@@ -195,8 +195,33 @@ def log_best_trial(
         raise FileNotFoundError(
             f"the best trial {best.get('trial_id')} has no kept checkpoint of its best epoch {best.get('epoch')}"
         )
+    registered = _registered_checkpoint(target, model_name, str(best["checkpoint"]))
+    if registered is not None:
+        logger.info(
+            "MLflow: %s version %s is already this search's best checkpoint, so it is not registered again",
+            model_name, registered.version,
+        )
+        return registered
     model, config, details = load_checkpoint_model(best["checkpoint"])
     extra = {"epoch": details.get("epoch"), "checkpoint": best["checkpoint"], "experiment": best.get("experiment")}
     return log_champion(
         target, model_name, model, config, member_items, best["metrics"], best.get("trial_id"), extra, data_checksum
     )
+
+
+def _registered_checkpoint(target: TrackingTarget, model_name: str, checkpoint: str) -> ModelVersion | None:
+    """Return the version that this search already registered from `checkpoint`, or None.
+
+    Resuming a finished search ends it again, and registering again would add a copy of
+    the same model and move the alias back to it.
+    """
+    client = new_client(target.tracking_uri)
+    try:
+        tag = client.get_run(target.parent_run_id).data.tags.get(TAG_CHAMPION_VERSION, "")
+        name, _, number = tag.rpartition("/")
+        if name != model_name or not number:
+            return None
+        version = client.get_model_version(name, number)
+    except MlflowException:
+        return None
+    return version if version.tags.get("checkpoint") == checkpoint[:TAG_VALUE_LIMIT] else None

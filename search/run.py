@@ -182,7 +182,13 @@ def lock_experiment(experiment: Experiment) -> None:
     if is_uri(str(experiment.storage_path)):
         return
     lock_file = Path(experiment.storage_path) / f".{experiment.name}.lock"
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        lock_file.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ExperimentError(
+            f"cannot create the storage folder {lock_file.parent} ({err.strerror}). "
+            "Pass --storage-path a folder, or a path that does not exist yet"
+        ) from None
     lock = FileLock(lock_file)
     try:
         lock.acquire(timeout=0)

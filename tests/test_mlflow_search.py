@@ -96,3 +96,9 @@ def test_resumed_search_creates_no_duplicate_runs(ray_address, slice_dir, tmp_pa
         assert sorted(steps) == EVAL_EPOCHS, run.info.run_name
     champion = client.get_model_version_by_alias(registered_model_name("resumed"), CHAMPION_ALIAS)
     assert champion.run_id in {run.info.run_id for run in runs}
+
+    # Resuming the finished search changes nothing and registers no second copy of the champion.
+    assert main([*options, "--resume"]) == 0
+    versions = client.search_model_versions(f"name = '{registered_model_name('resumed')}'")
+    assert [version.version for version in versions] == [champion.version]
+    assert len(nested_runs(client, parent)) == 4

@@ -228,6 +228,18 @@ def test_resume_without_search_is_an_error(ray_address, slice_dir, tmp_path, cap
     assert "no search to resume" in capsys.readouterr().err
 
 
+def test_storage_path_file_is_an_error(slice_dir, tmp_path, capsys):
+    experiment = smoke_variant(tmp_path, "on-a-file")
+    not_a_folder = tmp_path / "results.txt"
+    not_a_folder.write_text("kept\n")
+
+    code = run_search(experiment, slice_dir, not_a_folder)
+
+    assert code == 2
+    assert f"cannot create the storage folder {not_a_folder}" in capsys.readouterr().err
+    assert not_a_folder.read_text() == "kept\n"
+
+
 def test_second_start_in_same_folder_is_an_error(ray_address, slice_dir, tmp_path, capsys):
     experiment = smoke_variant(tmp_path, "twice", axes={"aggregator": {"grid": ["meanpool"]}},
                                scheduler={"grace_period": 1, "reduction_factor": 3, "max_epochs": 1})
