@@ -44,12 +44,16 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} is not a file; pass the model.pt written by groupim train")
+        raise FileNotFoundError(
+            f"checkpoint {path} is a folder, not a file. Pass the model.pt written by groupim train. "
+            "To test a search trial's model, run search/report.py with --run-id or --model"
+        )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for damaged or foreign files
-        raise ValueError(f"{path} is not a readable GroupIM checkpoint ({type(err).__name__}: {err}); "
-                         "pass a model.pt written by groupim train") from None
+        # torch's own message suggests weights_only=False, which lets the file run pickled code.
+        raise ValueError(f"{path} is not a readable GroupIM checkpoint (torch.load failed with {type(err).__name__}). "
+                         "Pass a model.pt written by groupim train") from None
     if not isinstance(payload, dict) or not {"state_dict", "config", "n_items"} <= set(payload):
         raise ValueError(f"{path} is not a GroupIM checkpoint (no state_dict, config and n_items); "
                          "write one with groupim train")

@@ -215,7 +215,12 @@ def test_cli_rejects_bad_files_cleanly(weeplaces_slice, tmp_path, capsys):
     text_file = tmp_path / "notes.pt"
     text_file.write_text("hello")
     assert main(["evaluate", "--checkpoint", str(text_file), "--data", str(weeplaces_slice)]) == 2
-    assert "not a readable GroupIM checkpoint" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "not a readable GroupIM checkpoint" in error
+    assert "weights_only" not in error
+
+    assert main(["evaluate", "--checkpoint", str(tmp_path), "--data", str(weeplaces_slice)]) == 2
+    assert "search/report.py" in capsys.readouterr().err
 
     assert main(["train", "--data", str(weeplaces_slice), "--output", str(text_file)]) == 2
     assert "is a file" in capsys.readouterr().err
