@@ -59,7 +59,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
                          "write one with groupim train")
     try:
         config = TrainConfig.from_dict(payload["config"], source=f"{path} (config)")
-        model = GroupIM(int(payload["n_items"]), config.embedding_size, config.aggregator, config.dropout)
+        model = GroupIM.from_config(int(payload["n_items"]), config)
         model.load_state_dict(payload["state_dict"])
     except (ConfigError, RuntimeError, TypeError, ValueError) as err:
         raise ValueError(f"{path} is a damaged GroupIM checkpoint: {err}") from None

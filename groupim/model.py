@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from groupim.config import AGGREGATORS, LOSS_PRECISIONS
+from groupim.config import AGGREGATORS, LOSS_PRECISIONS, TrainConfig
 
 
 @dataclass
@@ -174,6 +174,11 @@ class GroupIM(nn.Module):
         self.group_predictor = nn.Parameter(torch.empty(n_items, embedding_size))  # [I, D]
         self.discriminator = Discriminator(embedding_size)
         nn.init.xavier_uniform_(self.group_predictor)
+
+    @classmethod
+    def from_config(cls, n_items: int, config: TrainConfig) -> "GroupIM":
+        """Build an untrained model with the architecture and loss precision of `config`."""
+        return cls(n_items, config.embedding_size, config.aggregator, config.dropout, config.loss_precision)
 
     @property
     def low_precision(self) -> torch.dtype | None:

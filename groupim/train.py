@@ -103,7 +103,7 @@ def resolve_device(config: TrainConfig) -> torch.device:
 def build_model(config: TrainConfig, n_items: int) -> GroupIM:
     """Build a freshly initialised model; the seed fixes the initial weights."""
     torch.manual_seed(config.seed)
-    model = GroupIM(n_items, config.embedding_size, config.aggregator, config.dropout, config.loss_precision)
+    model = GroupIM.from_config(n_items, config)
     return model.to(resolve_device(config))
 
 

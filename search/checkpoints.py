@@ -59,7 +59,7 @@ def load_checkpoint_model(folder: str | Path | RemotePath) -> tuple[GroupIM, Tra
     """
     saved = read_training_state(folder)
     config = TrainConfig.from_dict(saved["config"], source=f"{folder}/{CHECKPOINT_FILE}")
-    model = GroupIM(int(saved["n_items"]), config.embedding_size, config.aggregator, config.dropout)
+    model = GroupIM.from_config(int(saved["n_items"]), config)
     model.load_state_dict(saved["model"])
     details = {key: saved[key] for key in ("epoch", "metrics", "pretraining", "data_checksum")}
     return model.eval(), config, details

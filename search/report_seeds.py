@@ -154,7 +154,7 @@ def save_seed_models(results: list[SeedResult], config: TrainConfig, data: Group
         if result.state_dict is None:
             continue
         config_of_seed = seed_config(config, result.seed)
-        model = GroupIM(data.n_items, config_of_seed.embedding_size, config_of_seed.aggregator, config_of_seed.dropout)
+        model = GroupIM.from_config(data.n_items, config_of_seed)
         model.load_state_dict(result.state_dict)
         relative = Path(CHECKPOINT_FOLDER) / f"seed-{result.seed}.pt"
         metrics = {"validation": result.validation, "test_groups": result.test_groups, "test_users": result.test_users}
