@@ -92,6 +92,7 @@ class Experiment:
     axes: tuple[Axis, ...]
     num_samples: int  # grid: repetitions of the whole grid; tpe: trials
     search_seed: int | None  # seed of the TPE sampler, or of the grid's shuffled order (None: 0)
+    largest_first: tuple[str, ...]  # grid axes whose larger values start first, then the shuffled order
     max_concurrent_trials: int | None  # None: as many as the resources allow
     scheduler: AshaSettings
     resources: Resources
@@ -127,6 +128,7 @@ class Experiment:
                 "algorithm": self.algorithm,
                 "num_samples": self.num_samples,
                 "seed": self.search_seed,
+                "largest_first": list(self.largest_first),
                 "max_concurrent_trials": self.max_concurrent_trials,
                 "axes": {axis.name: {axis.kind: list(axis.values)} for axis in self.axes},
             },
@@ -148,7 +150,7 @@ TOP_LEVEL_KEYS = (
     "name", "base", "data", "storage_path", "train", "search", "scheduler", "resources",
     "max_failures", "checkpoints_to_keep",
 )
-SEARCH_KEYS = ("algorithm", "num_samples", "seed", "max_concurrent_trials", "axes")
+SEARCH_KEYS = ("algorithm", "num_samples", "seed", "largest_first", "max_concurrent_trials", "axes")
 SCHEDULER_KEYS = ("grace_period", "reduction_factor", "max_epochs")
 RESOURCE_KEYS = ("cpus_per_trial", "gpus_per_trial")
 
@@ -221,6 +223,7 @@ def load_experiment_dict(values: Mapping[str, Any], source: Path | RemotePath | 
         axes=axes,
         num_samples=_integer(search.get("num_samples", 1), "search.num_samples", where, minimum=1),
         search_seed=_optional_integer(search.get("seed"), "search.seed", where, minimum=0),
+        largest_first=_load_largest_first(search.get("largest_first", []), algorithm, axes, where),
         max_concurrent_trials=_optional_integer(
             search.get("max_concurrent_trials"), "search.max_concurrent_trials", where, minimum=1
         ),
@@ -310,6 +313,26 @@ def _load_axes(block: Mapping[str, Any], algorithm: str, train: TrainConfig, whe
         _check_axis_values(axis, train, label, where)
         axes.append(axis)
     return tuple(axes)
+
+
+def _load_largest_first(value: Any, algorithm: str, axes: tuple[Axis, ...], where: str) -> tuple[str, ...]:
+    """search.largest_first: a list of numeric grid axes whose larger values start first."""
+    label = "search.largest_first"
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(name, str) for name in value):
+        raise ExperimentError(f"invalid {label} in {where}: {value!r}; expected a list of axis names, e.g. [embedding_size]")
+    if value and algorithm != "grid":
+        raise ExperimentError(f"{label} in {where} orders a grid; remove it or set search.algorithm to grid")
+    by_name = {axis.name: axis for axis in axes}
+    for name in value:
+        if name not in by_name:
+            raise ExperimentError(f"invalid {label} in {where}: {name!r} is not an axis; axes: {', '.join(by_name)}")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in by_name[name].values):
+            raise ExperimentError(f"invalid {label} in {where}: axis {name} has values that are not numbers")
+    if len(set(value)) != len(value):
+        raise ExperimentError(f"invalid {label} in {where}: {value!r} names an axis twice")
+    return tuple(value)
 
 
 def _load_axis(name: str, spec: Any, label: str, where: str) -> Axis:

@@ -42,7 +42,7 @@ def _domain(axis: Axis) -> Any:
 
 
 def search_algorithm(experiment: Experiment) -> OptunaSearch | BasicVariantGenerator:
-    """Optuna's TPE sampler for algorithm tpe; for grid, every configuration in shuffled order.
+    """Optuna's TPE sampler for algorithm tpe; for grid, every configuration in the order of grid_points.
 
     Ray's grid_search would start the configurations in axis order, for example all
     maxpool trials with embedding size 32 before any with 128. Asynchronous ASHA promotes
@@ -56,11 +56,22 @@ def search_algorithm(experiment: Experiment) -> OptunaSearch | BasicVariantGener
 
 
 def grid_points(experiment: Experiment) -> list[dict[str, Any]]:
-    """Every grid configuration num_samples times, shuffled with search.seed (default 0)."""
+    """Every grid configuration num_samples times, in the order the trials start.
+
+    The order is shuffled with search.seed (default 0), then sorted by the axes of
+    search.largest_first, larger values first. The sort is stable: configurations that
+    tie on those axes keep their shuffled order. Starting the slowest trials (the largest
+    embeddings) first is the longest-job-first rule: the short trials fill the slots at
+    the end of the search instead of one long trial running alone. It also gives ASHA's
+    first rungs the strongest configurations of the Weeplaces grid to compare with, so
+    fewer weak trials are promoted before any rival has reached their rung
+    (benchmarks/search.md measures both orders).
+    """
     names = [axis.name for axis in experiment.axes]
     combinations = list(itertools.product(*(axis.values for axis in experiment.axes)))
     points = [dict(zip(names, values)) for values in combinations] * experiment.num_samples
     random.Random(experiment.search_seed or 0).shuffle(points)
+    points.sort(key=lambda point: tuple(-point[name] for name in experiment.largest_first))
     return points
 
 

@@ -7,7 +7,7 @@ import torch
 
 from groupim.batching import GroupBatcher, NegativeSampler, make_bags
 from groupim.dense import dense_group_loss, dense_rows, encode
-from groupim.model import GroupIM, sparse_softmax_cross_entropy
+from groupim.model import GroupIM, bag_sum, sparse_softmax_cross_entropy
 
 N_USERS, N_ITEMS, N_GROUPS = 30, 40, 12
 
@@ -212,6 +212,29 @@ def test_bf16_cross_entropy_two_forwards_before_backward():
     (alone,) = torch.autograd.grad(sparse_softmax_cross_entropy(embeds, weight, rows, items, values, torch.bfloat16), embeds)
     assert torch.equal(grad_first, alone)
     assert not torch.equal(grad_second, grad_first)
+
+
+def test_bag_sum_gradient_equals_embedding_bag():
+    """The scipy scatter of bag_sum's backward against torch's embedding_bag, repeated items and an empty bag included."""
+    torch.manual_seed(0)
+    weight = torch.randn(N_ITEMS, 6, requires_grad=True)
+    items = torch.tensor([3, 7, 3, 39, 0, 10, 10, 5])
+    offsets = torch.tensor([0, 2, 2, 5])  # bag 1 is empty
+    values = torch.rand(8)
+    grad_rows = torch.randn(4, 6)
+
+    out = bag_sum(weight, items, offsets, values)
+    out.backward(grad_rows)
+    grad = weight.grad.clone()
+    weight.grad = None
+    expected = torch.nn.functional.embedding_bag(items, weight, offsets, mode="sum", per_sample_weights=values)
+    expected.backward(grad_rows)
+
+    assert out.grad_fn is not None and "BagSum" in type(out.grad_fn).__name__
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(grad, weight.grad)
+    torch.testing.assert_close(grad[3], values[0] * grad_rows[0] + values[2] * grad_rows[2])
+    assert torch.count_nonzero(grad[[1, 2, 4]]) == 0  # items in no bag get no gradient
 
 
 def test_dense_rows_round_trip(tiny):

@@ -152,6 +152,11 @@ def test_invalid_setting_is_named(tmp_path, changes, named):
         ({"axes": {}}, "search.axes"),
         ({"axes": {"lr": {"grid": [0.01]}}, "num_samples": 0}, "search.num_samples"),
         ({"axes": {"lr": {"grid": [0.01]}}, "samples": 2}, "search.samples"),
+        ({"axes": {"lr": {"grid": [0.01]}}, "largest_first": ["dropout"]}, "'dropout' is not an axis"),
+        ({"axes": {"aggregator": {"grid": ["maxpool"]}}, "largest_first": ["aggregator"]}, "not numbers"),
+        ({"axes": {"lr": {"grid": [0.01]}}, "largest_first": [1]}, "search.largest_first"),
+        ({"axes": {"lr": {"grid": [0.01]}}, "largest_first": ["lr", "lr"]}, "twice"),
+        ({"algorithm": "tpe", "axes": {"lr": {"uniform": [0.001, 0.01]}}, "largest_first": ["lr"]}, "orders a grid"),
     ],
 )
 def test_invalid_axis_is_named(tmp_path, search, named):
@@ -188,6 +193,25 @@ def test_grid_points_cover_grid_once_in_shuffled_order():
     assert len(set(keys)) == 99
     assert keys != sorted(keys)
     assert grid_points(experiment) == points  # the order depends only on search.seed
+
+
+def test_grid_points_start_largest_embeddings_first_in_shuffled_order():
+    from search.tuner import grid_points
+
+    ordered = load_experiment(EXPERIMENTS / "weeplaces.yaml")
+    shuffled = load_experiment_dict({**ordered.to_dict(), "search": {**ordered.to_dict()["search"], "largest_first": []}})
+
+    points = grid_points(ordered)
+    sizes = [point["embedding_size"] for point in points]
+
+    assert ordered.largest_first == ("embedding_size",)
+    assert sizes == [128] * 33 + [64] * 33 + [32] * 11 * 3
+    # Within one size the shuffled order stays: the sort is stable.
+    for size in (128, 64, 32):
+        assert [p for p in points if p["embedding_size"] == size] == [
+            p for p in grid_points(shuffled) if p["embedding_size"] == size
+        ]
+    assert [p["embedding_size"] for p in grid_points(shuffled)] != sizes
 
 
 def test_grid_points_repeat_grid_per_sample():

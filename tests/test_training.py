@@ -1,6 +1,7 @@
 """Three-phase training on a slice of Weeplaces: schedule, callback, determinism, resume, CLI."""
 
 import json
+import platform
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from groupim.train import (
     is_eval_epoch,
     pretrain_mi,
     pretrain_user,
+    reuse_freed_memory,
     train_group,
     validation_group_metrics,
 )
@@ -242,3 +244,10 @@ def test_diverged_loss_raises():
     assert check_loss(1.5, "group training", 0) == 1.5
     with pytest.raises(TrainingDiverged, match="epoch 3"):
         check_loss(float("nan"), "group training", 2)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is a glibc function")
+def test_reuse_freed_memory_sets_glibc_thresholds():
+    # mallopt returns 1 for each setting glibc accepts; a second call is harmless.
+    assert reuse_freed_memory() is True
+    assert reuse_freed_memory() is True
