@@ -31,12 +31,21 @@ def group_metrics(model, data: GroupIMData, config: TrainConfig, split: str) -> 
     return {name: result[name] for name in METRICS}
 
 
+RUN_FILES = ("model.pt", "metrics.json", "history.json")  # what `groupim train` writes into --output
+
+
 def command_train(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.set)
     data = load_dataset(args.data)
     output = Path(args.output)
     if output.exists() and not output.is_dir():
         raise ValueError(f"--output {output} is a file; pass a folder for model.pt and metrics.json")
+    earlier = [name for name in RUN_FILES if (output / name).exists()]
+    if earlier and not args.overwrite:
+        raise ValueError(
+            f"--output {output} already contains {', '.join(earlier)} of an earlier run; "
+            "pass another folder, or --overwrite to replace them"
+        )
     output.mkdir(parents=True, exist_ok=True)
     logger.info("training on %s (%d groups, %d items) with %s", data.source, data.train_groups.n_groups, data.n_items, config)
 
@@ -57,7 +66,7 @@ def command_train(args: argparse.Namespace) -> int:
     }
     (output / "history.json").write_text(json.dumps(history, indent=2) + "\n")
     print(json.dumps(metrics, indent=2))
-    print(f"best group epoch {result.group.best_epoch}, {seconds:.0f} s; wrote {output / 'model.pt'} and {output / 'metrics.json'}")
+    print(f"best group epoch {result.group.best_epoch}, {seconds:.0f} s; wrote {', '.join(str(output / name) for name in RUN_FILES)}")
     return 0
 
 
@@ -146,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
         help="override config values; may be repeated",
     )
+    train.add_argument("--overwrite", action="store_true", help="replace the files of an earlier run in --output")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     train.set_defaults(handler=command_train)
 

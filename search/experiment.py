@@ -316,7 +316,7 @@ def _load_axes(block: Mapping[str, Any], algorithm: str, train: TrainConfig, whe
 
 
 def _load_largest_first(value: Any, algorithm: str, axes: tuple[Axis, ...], where: str) -> tuple[str, ...]:
-    """search.largest_first: a list of numeric grid axes whose larger values start first."""
+    """Return the axes of search.largest_first: numeric grid axes whose larger values start first."""
     label = "search.largest_first"
     if isinstance(value, str):
         value = [value]
@@ -411,11 +411,22 @@ def _mapping(value: Any, label: str, where: str) -> Mapping[str, Any]:
 
 def _number(value: Any, label: str, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        hint = " (YAML reads 1e-4 without a dot as a string; write 1.0e-4)" if isinstance(value, str) else ""
+        hint = " (YAML reads 1e-4 without a dot as a string; write 1.0e-4)" if _looks_like_exponent(value) else ""
         raise ExperimentError(f"invalid {label} in {where}: {value!r}; expected a number{hint}")
     if not math.isfinite(value):
         raise ExperimentError(f"invalid {label} in {where}: {value!r}; expected a finite number")
     return value
+
+
+def _looks_like_exponent(value: Any) -> bool:
+    """True for strings such as "1e-4", which YAML 1.1 reads as text because they lack a dot."""
+    if not isinstance(value, str):
+        return False
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _integer(value: Any, label: str, where: str, minimum: int) -> int:

@@ -62,6 +62,9 @@ def test_smoke_search_completes(ray_address, slice_dir, tmp_path, capsys):
     assert (trials["status"] == "stopped_early").sum() >= 1
     assert (trials.loc[trials["status"] == "completed", "epochs_trained"] == 3).all()
     assert best["metrics"]["val/ndcg@100"] == pytest.approx(trials["val_ndcg@100"].max())
+    best_row = trials.loc[trials["val_ndcg@100"].idxmax()]
+    for name in ("recall@20", "recall@50", "ndcg@20", "ndcg@50"):
+        assert best_row[f"val_{name}"] == pytest.approx(best["metrics"][f"val/{name}"])
     assert str(experiment_dir / "trials.csv") in output
     assert str(experiment_dir / "best.json") in output
 

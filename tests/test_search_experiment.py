@@ -166,6 +166,13 @@ def test_invalid_axis_is_named(tmp_path, search, named):
         load_experiment(path)
 
 
+def test_word_for_a_number_gets_no_exponent_hint(tmp_path):
+    path = write_yaml(tmp_path, minimal_experiment(resources={"cpus_per_trial": "two"}))
+
+    with pytest.raises(ExperimentError, match=r"resources\.cpus_per_trial .*'two'; expected a number$"):
+        load_experiment(path)
+
+
 def test_rung_without_evaluation_is_rejected(tmp_path):
     values = minimal_experiment(
         train={"eval_freq": 5},

@@ -158,6 +158,14 @@ def test_cli_train_then_evaluate_reproduces_metrics(weeplaces_slice, tmp_path, c
     printed = json.loads(capsys.readouterr().out)
     assert printed == pytest.approx(metrics["test"])
 
+    # A second run into the same folder stops before training and leaves the first run's files.
+    before = {name: (output / name).read_bytes() for name in ("model.pt", "metrics.json", "history.json")}
+    argv = ["train", "--data", str(weeplaces_slice), "--output", str(output), "--no-progress", "--set", *sets]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "model.pt, metrics.json, history.json of an earlier run" in err and "--overwrite" in err
+    assert {name: (output / name).read_bytes() for name in before} == before
+
 
 def test_cli_reports_bad_override(weeplaces_slice, tmp_path, capsys):
     code = main(["train", "--data", str(weeplaces_slice), "--output", str(tmp_path), "--set", "aggregator=sum"])
