@@ -182,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.handler(args)
+    except KeyboardInterrupt:
+        # train writes its files only at the end, so an interrupted run leaves --output as it was.
+        print(f"interrupted: groupim {args.command} stopped before it finished", file=sys.stderr)
+        return 130
     except (ConfigError, DataError, FileNotFoundError, ValueError, FloatingPointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

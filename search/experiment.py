@@ -329,7 +329,10 @@ def _load_largest_first(value: Any, algorithm: str, axes: tuple[Axis, ...], wher
         if name not in by_name:
             raise ExperimentError(f"invalid {label} in {where}: {name!r} is not an axis; axes: {', '.join(by_name)}")
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in by_name[name].values):
-            raise ExperimentError(f"invalid {label} in {where}: axis {name} has values that are not numbers")
+            raise ExperimentError(
+                f"invalid {label} in {where}: axis {name} has values that are not numbers; "
+                "name a numeric grid axis such as embedding_size"
+            )
     if len(set(value)) != len(value):
         raise ExperimentError(f"invalid {label} in {where}: {value!r} names an axis twice")
     return tuple(value)

@@ -27,7 +27,7 @@ FAILED = "failed"  # raised (NaN metrics, a crash) on every allowed attempt
 UNFINISHED = "unfinished"  # pending or running when the driver stopped
 
 # Metrics of each trial's best epoch written to trials.csv; the column is "val_" + name.
-TRIAL_METRICS = (SELECTION_METRIC, "recall@20", "recall@50", "ndcg@20", "ndcg@50")
+TRIAL_METRICS = (SELECTION_METRIC, "ndcg@20", "ndcg@50", "recall@20", "recall@50")
 
 
 @dataclass(frozen=True)

@@ -163,7 +163,8 @@ def test_cli_train_then_evaluate_reproduces_metrics(weeplaces_slice, tmp_path, c
     argv = ["train", "--data", str(weeplaces_slice), "--output", str(output), "--no-progress", "--set", *sets]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "model.pt, metrics.json, history.json of an earlier run" in err and "--overwrite" in err
+    assert "model.pt, metrics.json, history.json of an earlier run" in err
+    assert "--overwrite" in err
     assert {name: (output / name).read_bytes() for name in before} == before
 
 
@@ -259,3 +260,15 @@ def test_reuse_freed_memory_sets_glibc_thresholds():
     # mallopt returns 1 for each setting glibc accepts; a second call is harmless.
     assert reuse_freed_memory() is True
     assert reuse_freed_memory() is True
+
+
+def test_cli_train_interrupted(weeplaces_slice, tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("groupim.cli.fit", interrupted)
+    output = tmp_path / "run"
+
+    assert main(["train", "--data", str(weeplaces_slice), "--output", str(output), "--no-progress"]) == 130
+    assert "interrupted: groupim train stopped before it finished" in capsys.readouterr().err
+    assert not any(output.iterdir())
