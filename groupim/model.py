@@ -5,8 +5,8 @@ G the largest group in the batch, I items, D embedding size, N negatives per gro
 
 No dense member x item tensor is ever built. A member's item history enters as a bag of
 item ids with weights, and the encoder's first layer is an `embedding_bag` over an
-[I, D] weight, which equals `Linear(I, D)` applied to the sparse vector (`bag_sum`). The softmax over
-all items is the only dense [B, I] tensor, and `sparse_softmax_cross_entropy` computes
+[I, D] weight (`bag_sum`), which equals `Linear(I, D)` applied to the sparse vector. The
+softmax over all items is the only dense [B, I] tensor, and `sparse_softmax_cross_entropy` computes
 its loss and gradient without autograd's intermediate copies.
 """
 
@@ -303,23 +303,25 @@ def pad_members(batch: GroupBatch, member_embeds: torch.Tensor) -> tuple[torch.T
 
 
 def bag_sum(weight: torch.Tensor, items: torch.Tensor, offsets: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Weighted sum of weight's rows per bag: [rows, D], the sparse [rows, I] matrix times weight [I, D].
+    """Sum the rows of weight [I, D] per bag, each scaled by its value: [rows, D].
 
-    On the CPU, the gradient of `weight` is computed by `_BagSum`; elsewhere, and for
-    weights without gradient, this is `embedding_bag`.
+    This is the sparse [rows, I] bag matrix times weight. When weight is a float32 CPU
+    parameter that needs a gradient, `_BagSum` computes it. Otherwise this calls
+    `embedding_bag` directly.
     """
-    if weight.requires_grad and torch.is_grad_enabled() and weight.device.type == "cpu" and weight.dtype == torch.float32:
+    needs_grad = weight.requires_grad and torch.is_grad_enabled()
+    if needs_grad and weight.device.type == "cpu" and weight.dtype == torch.float32:
         return _BagSum.apply(weight, items, offsets, values.detach())
     return F.embedding_bag(items, weight, offsets, mode="sum", per_sample_weights=values)
 
 
 class _BagSum(torch.autograd.Function):
-    """`embedding_bag` forward; backward scatters the gradient of the rows with scipy.
+    """Autograd function of `bag_sum`: `embedding_bag` forward, a scipy scatter backward.
 
     torch's `embedding_bag` backward on the CPU sorts the item ids and fills the dense
     [I, D] gradient. A CSC product (the bag matrix transposed) scatters the same sums
-    without the sort. Per group batch at D = 128 on one thread it takes about 12 ms
-    against 21 ms (benchmarks/RESULTS.md). The values get no gradient: they are inputs, not parameters.
+    without the sort: about 12 ms against 21 ms per group batch at D = 128 on one thread
+    (benchmarks/RESULTS.md). The values get no gradient because they are inputs.
     """
 
     @staticmethod

@@ -422,8 +422,8 @@ def _number(value: Any, label: str, where: str) -> float:
 
 
 def _looks_like_exponent(value: Any) -> bool:
-    """True for strings such as "1e-4", which YAML 1.1 reads as text because they lack a dot."""
-    if not isinstance(value, str):
+    """Return True for strings such as "1e-4", which YAML 1.1 reads as text because they lack a dot."""
+    if not isinstance(value, str) or "e" not in value.lower():
         return False
     try:
         float(value)

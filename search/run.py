@@ -243,7 +243,7 @@ def report(experiment: Experiment, summary: SearchSummary, seconds: float, args:
         return EXIT_INTERRUPTED
 
     trials_path, best_path = write_results(experiment, summary)
-    took = f"{seconds / 60:.1f} min since --resume" if args.resume else f"{seconds / 60:.1f} min"
+    took = f"{seconds / 60:.1f} min" + (" since --resume" if args.resume else "")
     print(
         f"\n{len(statuses)} trials, {took}: {statuses.count(FAILED)} failed, "
         f"{statuses.count(STOPPED_EARLY)} stopped early by ASHA."

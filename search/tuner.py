@@ -42,7 +42,7 @@ def _domain(axis: Axis) -> Any:
 
 
 def search_algorithm(experiment: Experiment) -> OptunaSearch | BasicVariantGenerator:
-    """Optuna's TPE sampler for algorithm tpe; for grid, every configuration in the order of grid_points.
+    """Return Optuna's TPE sampler for algorithm tpe, or for grid a generator of grid_points in order.
 
     Ray's grid_search would start the configurations in axis order, for example all
     maxpool trials with embedding size 32 before any with 128. Asynchronous ASHA promotes
@@ -56,7 +56,7 @@ def search_algorithm(experiment: Experiment) -> OptunaSearch | BasicVariantGener
 
 
 def grid_points(experiment: Experiment) -> list[dict[str, Any]]:
-    """Every grid configuration num_samples times, in the order the trials start.
+    """Return every grid configuration num_samples times, in the order the trials start.
 
     The order is shuffled with search.seed (default 0), then sorted by the axes of
     search.largest_first, larger values first. The sort is stable: configurations that

@@ -366,4 +366,5 @@ def test_smoke_search_on_s3_storage(two_nodes, s3_server, mlflow_server, weeplac
 
     # --resume reads the saved settings and Ray Tune's state from the bucket; every trial has ended.
     resumed = run_search(two_nodes, experiment_file, storage, mlflow_server.uri, weeplaces_slice, "--resume")
-    assert "6 trials, " in resumed.stdout and " min since --resume:" in resumed.stdout
+    assert "6 trials, " in resumed.stdout
+    assert " min since --resume:" in resumed.stdout

@@ -166,7 +166,7 @@ def test_invalid_axis_is_named(tmp_path, search, named):
         load_experiment(path)
 
 
-def test_word_for_a_number_gets_no_exponent_hint(tmp_path):
+def test_word_number_has_no_exponent_hint(tmp_path):
     path = write_yaml(tmp_path, minimal_experiment(resources={"cpus_per_trial": "two"}))
 
     with pytest.raises(ExperimentError, match=r"resources\.cpus_per_trial .*'two'; expected a number$"):
@@ -202,7 +202,7 @@ def test_grid_points_cover_grid_once_in_shuffled_order():
     assert grid_points(experiment) == points  # the order depends only on search.seed
 
 
-def test_grid_points_start_largest_embeddings_first_in_shuffled_order():
+def test_grid_points_largest_first():
     from search.tuner import grid_points
 
     ordered = load_experiment(EXPERIMENTS / "weeplaces.yaml")

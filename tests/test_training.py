@@ -256,7 +256,7 @@ def test_diverged_loss_raises():
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is a glibc function")
-def test_reuse_freed_memory_sets_glibc_thresholds():
+def test_reuse_freed_memory_on_glibc():
     # mallopt returns 1 for each setting glibc accepts; a second call is harmless.
     assert reuse_freed_memory() is True
     assert reuse_freed_memory() is True
